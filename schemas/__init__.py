@@ -1,0 +1,1 @@
+"""Declarations shared by the driver and the workers: row schema, job config, manifest."""

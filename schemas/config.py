@@ -1,0 +1,103 @@
+"""The job config: one object, validated once at the entry point."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from loupe.schemas.errors import UserError
+
+DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+DEFAULT_PROMPT = "Describe this image in one or two sentences."
+
+# The settings that decide what the output rows contain. A rerun whose plan settings equal
+# the frozen ones resumes; any difference is a different job. Batch size, replica count and
+# the cluster address change only how fast the rows come, so they may change between runs.
+PLAN_FIELDS = (
+    "input",
+    "model",
+    "prompt",
+    "max_new_tokens",
+    "min_new_tokens",
+    "shard_size",
+    "image_column",
+)
+
+
+class JobConfig(BaseModel):
+    """Everything `loupe run` needs, from flags and an optional TOML job file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str = Field(min_length=1, description="local folder, s3://bucket/prefix/, .tar or .parquet")
+    output: str = Field(min_length=1, description="local folder or s3://bucket/prefix/")
+    model: str = Field(DEFAULT_MODEL, min_length=1, description="Hugging Face id or local path")
+    prompt: str = Field(DEFAULT_PROMPT, min_length=1)
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    min_new_tokens: int = Field(0, ge=0, le=4096)
+    batch_size: int = Field(8, ge=1, le=1024)
+    shard_size: int = Field(1000, ge=1, le=1_000_000)
+    replicas: int | None = Field(None, ge=1, le=4096)
+    gpus_per_replica: float = Field(1.0, gt=0, le=16)
+    ray_address: str | None = None
+    endpoint_url: str | None = None
+    image_column: str = Field("image", min_length=1)
+    max_shard_retries: int = Field(2, ge=0, le=100)
+    overwrite: bool = False
+
+    @field_validator("min_new_tokens")
+    @classmethod
+    def _min_not_above_max(cls, value: int, info: Any) -> int:
+        maximum = info.data.get("max_new_tokens")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must not exceed max_new_tokens ({maximum})")
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_is_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    def plan_settings(self) -> dict[str, Any]:
+        """The settings frozen into the job plan (see PLAN_FIELDS)."""
+        return {name: getattr(self, name) for name in PLAN_FIELDS}
+
+
+def load_config(config_file: str | Path | None = None, **overrides: Any) -> JobConfig:
+    """Build the job config from a TOML file, then flags; None-valued flags do not override."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(_read_toml(Path(config_file)))
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    try:
+        return JobConfig(**values)
+    except ValidationError as exc:
+        raise UserError(_describe(exc, config_file)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+    # TOML users write either max-new-tokens or max_new_tokens; the CLI flags use dashes.
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def _describe(exc: ValidationError, config_file: str | Path | None) -> str:
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"]) or "config"
+    where = f" (in {config_file})" if config_file else ""
+    if error["type"] == "extra_forbidden":
+        return f"unknown option '{field}'{where}"
+    if error["type"] == "missing":
+        return f"option '{field}' is required{where}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"invalid option '{field}': {message}{where}"

@@ -1,0 +1,95 @@
+"""Session-wide real local components: an S3 endpoint on loopback, a Ray cluster, tiny models."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+# Credentials for the loopback S3 endpoint. Set before anything starts so that Ray workers,
+# which inherit this process's environment, see them too.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "loupe-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "loupe-test-secret")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API over HTTP on 127.0.0.1 (moto's server mode); yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_endpoint):
+    """A boto3 client pointed at the loopback endpoint, exactly as a user points one at MinIO."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+
+
+@pytest.fixture
+def s3_bucket(s3_client):
+    """A fresh, empty bucket for one test; yields its name."""
+    name = f"loupe-test-{uuid.uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster of two nodes for the whole session (start-up costs seconds).
+
+    Two nodes of two logical CPUs each, so a job with two replicas spreads over both.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "include_dashboard": False},
+    )
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    """A tiny random-weight LLaVA-1.5 checkpoint, built offline once per session."""
+    from loupe.workers.random_model import build_random_model
+
+    return str(build_random_model(tmp_path_factory.mktemp("tiny-llava"), "llava", "tiny"))
+
+
+@pytest.fixture(scope="session")
+def sample_images(tmp_path_factory):
+    """A folder of generated images (and two broken files), shared read-only by tests."""
+    from loupe.jobs.demo import make_sample_images
+
+    folder = tmp_path_factory.mktemp("samples")
+    make_sample_images(folder, count=12)
+    return folder
