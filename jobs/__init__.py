@@ -1,0 +1,1 @@
+"""Driver side: the CLI, planning, scheduling shards on Ray, resume, status."""

@@ -1,0 +1,207 @@
+"""The `loupe` command line: thin Typer wrappers over the library API."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from loupe.schemas.errors import UserError
+
+app = typer.Typer(
+    help="Turn huge image collections into captioned, moderated, searchable catalogs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """A user mistake is one line on stderr and exit 2; an interrupted job says how to resume."""
+    try:
+        yield
+    except UserError as exc:
+        typer.echo(f"loupe: error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("loupe: interrupted; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def run(
+    input: Annotated[str, typer.Argument(help="Local folder, s3://bucket/prefix/, .tar or .parquet file(s).")],
+    output: Annotated[str, typer.Argument(help="Local folder or s3://bucket/prefix/ for the Parquet parts.")],
+    model: Annotated[Optional[str], typer.Option(help="Hugging Face id or local path of a LLaVA-family checkpoint.")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Instruction given with every image.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest caption, in tokens.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per model call.")] = None,
+    shard_size: Annotated[Optional[int], typer.Option(help="Loose images per shard (one part file each).")] = None,
+    replicas: Annotated[Optional[int], typer.Option(help="Model replicas (default: one per GPU, or 1 on CPU).")] = None,
+    gpus_per_replica: Annotated[Optional[float], typer.Option(help="GPUs per replica; a fraction packs small models.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Join this Ray cluster instead of starting a local one.")] = None,
+    endpoint_url: Annotated[Optional[str], typer.Option(envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint (MinIO, R2, ...).")] = None,
+    image_column: Annotated[Optional[str], typer.Option(help="Image-bytes column of Parquet inputs.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="TOML job file; flags override its values.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different job already in OUTPUT.")] = False,
+) -> None:
+    """Caption every image of INPUT into Parquet parts under OUTPUT; rerun to resume."""
+    from loupe.jobs.runner import run_job
+    from loupe.schemas.config import load_config
+
+    with _user_errors():
+        job = load_config(
+            config,
+            input=input,
+            output=output,
+            model=model,
+            prompt=prompt,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            replicas=replicas,
+            gpus_per_replica=gpus_per_replica,
+            ray_address=ray_address,
+            endpoint_url=endpoint_url,
+            image_column=image_column,
+            overwrite=overwrite or None,
+        )
+        with _ProgressBar() as bar:
+            try:
+                result = run_job(job, bar)
+            except RuntimeError as exc:
+                bar.stop()
+                typer.echo(f"loupe: job stopped: {exc}", err=True)
+                raise typer.Exit(1) from None
+        _print_summary(result)
+        if not result.complete:
+            raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    output: Annotated[str, typer.Argument(help="The OUTPUT of a loupe run.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    endpoint_url: Annotated[Optional[str], typer.Option(envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint.")] = None,
+) -> None:
+    """Show shards done/total, rows ok/error, failed shards, images/s and completeness."""
+    from loupe.jobs.status import job_status
+
+    with _user_errors():
+        state = job_status(output, endpoint_url)
+    if as_json:
+        typer.echo(json.dumps(state.to_dict(), indent=2))
+        return
+    table = Table(show_header=False, box=None)
+    table.add_row("output", state.output)
+    table.add_row("model", state.model)
+    table.add_row("shards", f"{state.shards_done}/{state.shards_total} done")
+    table.add_row("rows", f"{state.rows_ok} ok, {state.rows_error} error")
+    for code, count in state.error_codes.items():
+        table.add_row("", f"{count} {code}")
+    table.add_row("throughput", f"{state.images_per_second:.2f} images/s")
+    table.add_row("failed shards", ", ".join(str(f["shard_id"]) for f in state.failed_shards) or "none")
+    table.add_row("complete", "yes" if state.complete else "no")
+    Console().print(table)
+
+
+@app.command("random-model")
+def random_model(
+    dest: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.")],
+    family: Annotated[str, typer.Option(help="llava, llava-next or llava-onevision.")] = "llava",
+    size: Annotated[str, typer.Option(help="tiny (tests) or small (CPU benchmarks).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights and tokenizer.")] = 0,
+) -> None:
+    """Write a random-weight checkpoint that loads like a real one (for tests, demos, benchmarks)."""
+    from loupe.workers.random_model import build_random_model
+
+    with _user_errors():
+        path = build_random_model(dest, family, size, seed=seed)
+    typer.echo(f"wrote a random-weight {family} ({size}) checkpoint to {path}; its captions are noise")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Argument(help="Where the demo writes its model, images and output.")] = Path(".loupe-demo"),
+) -> None:
+    """Build a tiny model and sample images, run a whole job on a local Ray cluster, show the result."""
+    from loupe.jobs.demo import run_demo
+
+    with _user_errors():
+        run_demo(workdir, _ProgressBar, _print_summary)
+
+
+class _ProgressBar:
+    """Shards and images done, and images/s, while a job runs (a JobObserver)."""
+
+    def __init__(self) -> None:
+        self._progress = Progress(
+            TextColumn("[bold]shards"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[images]} images, {task.fields[rate]:.1f} images/s"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self._task = None
+        self._images = 0
+
+    def __enter__(self) -> _ProgressBar:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+    def started(self, shards_total: int, shards_done: int, replicas: int) -> None:
+        if shards_done:
+            console.print(f"resuming: {shards_done} of {shards_total} shards already done")
+        self._task = self._progress.add_task("job", total=shards_total, completed=shards_done, images=0, rate=0.0)
+
+    def shard_done(self, stats) -> None:
+        self._images += stats.rows
+        elapsed = self._progress.tasks[0].elapsed or 0.0
+        self._progress.update(
+            self._task, advance=1, images=self._images, rate=self._images / elapsed if elapsed else 0.0
+        )
+
+    def shard_failed(self, failure) -> None:
+        console.print(f"[red]shard {failure.shard_id} failed after {failure.attempts} attempts:[/] {failure.error}")
+
+
+def _print_summary(result) -> None:
+    table = Table(title="loupe run", show_header=False, box=None, title_justify="left")
+    table.add_row("output", result.output)
+    table.add_row("shards", f"{result.shards_done}/{result.shards_total} done ({result.shards_skipped} from an earlier run)")
+    table.add_row("rows", f"{result.rows_ok} ok, {result.rows_error} error")
+    for code, count in result.error_codes.items():
+        table.add_row("", f"{count} {code}")
+    table.add_row("this run", f"{result.images_this_run} images in {result.seconds:.1f} s ({result.images_per_second:.2f} images/s)")
+    if result.nodes:
+        table.add_row("nodes", str(len(result.nodes)))
+    for failure in result.failures:
+        table.add_row("[red]failed shard", f"{failure.shard_id}: {failure.error}")
+    table.add_row("complete", "yes: _manifest.json lists every part" if result.complete else "no: rerun the same command to retry")
+    Console().print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Shard planning: a pure function from the sorted input listing to shards."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from loupe.schemas.plan import Shard, ShardKind
+from loupe.workers.reader import IMAGE_EXTENSIONS
+
+
+class Listed(Protocol):
+    uri: str
+    size: int
+
+
+def kind_of(uri: str) -> ShardKind | None:
+    """How an object is read: a container shard, a loose image, or None (ignored)."""
+    name = uri.rsplit("/", 1)[-1]
+    extension = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    if extension == "tar":
+        return ShardKind.TAR
+    if extension == "parquet":
+        return ShardKind.PARQUET
+    if extension in IMAGE_EXTENSIONS:
+        return ShardKind.FILES
+    return None
+
+
+@dataclass
+class PlanSummary:
+    """What a planning pass saw: counts and a fingerprint of exactly what was planned."""
+
+    shards: int = 0
+    objects: int = 0
+    ignored: int = 0
+    _digest: "hashlib._Hash" = field(default_factory=hashlib.sha256, repr=False)
+
+    @property
+    def listing_sha256(self) -> str:
+        return self._digest.hexdigest()
+
+
+def plan_shards(
+    listing: Iterable[Listed], shard_size: int, summary: PlanSummary | None = None
+) -> Iterator[Shard]:
+    """One shard per .tar or .parquet; loose images grouped shard_size at a time, in order.
+
+    A generator, so a listing of any length is planned in bounded memory. Shard ids follow
+    the listing order, so the same listing always gives the same plan. Objects of other
+    kinds (sidecars, READMEs) are counted in `summary.ignored`.
+    """
+    if shard_size < 1:
+        raise ValueError("shard_size must be >= 1")
+    summary = summary if summary is not None else PlanSummary()
+    pending: list[str] = []
+
+    def emit(kind: ShardKind, uris: list[str]) -> Shard:
+        summary.shards += 1
+        return Shard(summary.shards - 1, kind, tuple(uris))
+
+    for obj in listing:
+        kind = kind_of(obj.uri)
+        if kind is None:
+            summary.ignored += 1
+            continue
+        summary.objects += 1
+        summary._digest.update(f"{obj.uri}\t{obj.size}\n".encode())
+        if kind is ShardKind.FILES:
+            pending.append(obj.uri)
+            if len(pending) == shard_size:
+                yield emit(ShardKind.FILES, pending)
+                pending = []
+        else:
+            yield emit(kind, [obj.uri])
+    if pending:
+        yield emit(ShardKind.FILES, pending)
+
+
+PLAN_SCHEMA = pa.schema([("shard_id", pa.int32()), ("kind", pa.string()), ("uri", pa.string())])
+_PLAN_BATCH_ROWS = 65_536
+
+
+def write_plan(shards: Iterable[Shard], sink: str | BinaryIO) -> None:
+    """Stream shards into a Parquet plan file: one row per source object, in shard order."""
+    rows: dict[str, list] = {"shard_id": [], "kind": [], "uri": []}
+    with pq.ParquetWriter(sink, PLAN_SCHEMA, compression="zstd") as writer:
+        for shard in shards:
+            for uri in shard.uris:
+                rows["shard_id"].append(shard.shard_id)
+                rows["kind"].append(shard.kind.value)
+                rows["uri"].append(uri)
+            if len(rows["uri"]) >= _PLAN_BATCH_ROWS:
+                writer.write_table(pa.table(rows, schema=PLAN_SCHEMA))
+                rows = {name: [] for name in rows}
+        writer.write_table(pa.table(rows, schema=PLAN_SCHEMA))
+
+
+def read_plan(source: str | BinaryIO) -> Iterator[Shard]:
+    """The shards of a plan file, in order, streamed batch by batch."""
+    current: tuple[int, str] | None = None
+    uris: list[str] = []
+    for batch in pq.ParquetFile(source).iter_batches(batch_size=_PLAN_BATCH_ROWS):
+        for shard_id, kind, uri in zip(*(batch.column(i).to_pylist() for i in range(3))):
+            if current is not None and current[0] != shard_id:
+                yield Shard(current[0], ShardKind(current[1]), tuple(uris))
+                uris = []
+            current = (shard_id, kind)
+            uris.append(uri)
+    if current is not None:
+        yield Shard(current[0], ShardKind(current[1]), tuple(uris))

@@ -1,0 +1,1 @@
+"""What runs inside Ray actors: storage access, decoding, model replicas, the shard pipeline."""

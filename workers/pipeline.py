@@ -1,0 +1,291 @@
+"""The per-shard pipeline: read, decode, caption, write the part, then mark the shard done.
+
+Plain Python with no Ray import: a unit test runs it in-process, a Ray actor wraps it. Fetching,
+decoding and preprocessing run on a producer thread (decoding on a small thread pool) while
+the calling thread keeps the model busy; a bounded queue between them caps memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from loupe.schemas.codes import ErrorCode
+from loupe.schemas.config import JobConfig
+from loupe.schemas.manifest import ShardStats
+from loupe.schemas.plan import Shard
+from loupe.schemas.rows import RowStatus
+from loupe.workers.captioner import Captioner
+from loupe.workers.decode import DecodeError, decode_image
+from loupe.workers.reader import Sample, read_shard
+from loupe.workers.storage import open_storage
+from loupe.workers.writer import write_part, write_stats
+
+# Batches prepared ahead of the model: one generating, one ready, one being prepared.
+_PREFETCH_BATCHES = 2
+
+
+@dataclass
+class _Item:
+    """One image on its way through a shard; `seq` keeps rows in source order."""
+
+    seq: int
+    sample: Sample
+    image: Image.Image | None = None
+    error: tuple[ErrorCode, str] | None = None
+
+
+@dataclass
+class _Batch:
+    items: list[_Item]
+    inputs: Any = None  # the processor's output, or None if preparing the batch failed
+
+
+class _Timings:
+    """Seconds spent per stage, summed over a shard; shared by the producer and consumer."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds: Counter[str] = Counter()
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] += seconds
+
+
+_DONE = object()
+
+
+@dataclass
+class _Failed:
+    exc: BaseException
+
+
+class ShardProcessor:
+    """Runs whole shards through one captioner; thread-safe so a replica can overlap two shards."""
+
+    def __init__(
+        self,
+        config: JobConfig,
+        *,
+        device: str | None = None,
+        captioner: Captioner | None = None,
+        decode_threads: int | None = None,
+    ) -> None:
+        self.config = config
+        self.captioner = captioner or Captioner(
+            config.model,
+            prompt=config.prompt,
+            max_new_tokens=config.max_new_tokens,
+            min_new_tokens=config.min_new_tokens,
+            device=device,
+        )
+        self._model_lock = threading.Lock()
+        self._decode_pool = ThreadPoolExecutor(
+            max_workers=decode_threads or min(8, (os.cpu_count() or 2)),
+            thread_name_prefix="loupe-decode",
+        )
+        self._input = open_storage(config.input, config.endpoint_url)
+        self._output = open_storage(config.output, config.endpoint_url)
+
+    def process(self, shard: Shard, *, attempt: int = 1, node_id: str = "") -> ShardStats:
+        """Caption every image of the shard, write its part, then its stats record."""
+        started = time.time()
+        timings = _Timings()
+        batches: queue.Queue[Any] = queue.Queue(maxsize=_PREFETCH_BATCHES)
+        errors: list[_Item] = []
+        producer = threading.Thread(
+            target=self._produce,
+            args=(shard, batches, errors, timings),
+            name=f"loupe-shard-{shard.name}",
+            daemon=True,
+        )
+        producer.start()
+        captioned: list[tuple[_Item, str]] = []
+        try:
+            while True:
+                message = batches.get()
+                if message is _DONE:
+                    break
+                if isinstance(message, _Failed):
+                    raise message.exc
+                captioned.extend(self._caption(message, errors, timings))
+        finally:
+            producer.join()
+
+        rows = sorted(
+            [(item.seq, self._ok_row(shard, item, caption)) for item, caption in captioned]
+            + [(item.seq, self._error_row(shard, item)) for item in errors],
+            key=lambda pair: pair[0],
+        )
+        t0 = time.perf_counter()
+        part = write_part(self._output, self.config.output, shard.shard_id, [row for _, row in rows])
+        timings.add("write", time.perf_counter() - t0)
+        finished = time.time()
+        codes = Counter(item.error[0].value for item in errors if item.error)
+        stats = ShardStats(
+            shard_id=shard.shard_id,
+            part=part.path,
+            part_sha256=part.sha256,
+            part_bytes=part.bytes,
+            rows=len(rows),
+            rows_ok=len(captioned),
+            rows_error=len(errors),
+            error_codes=dict(sorted(codes.items())),
+            seconds=round(finished - started, 4),
+            started_at=started,
+            finished_at=finished,
+            node_id=node_id,
+            attempt=attempt,
+            timings={stage: round(value, 4) for stage, value in sorted(timings.seconds.items())},
+        )
+        write_stats(self._output, self.config.output, stats)
+        return stats
+
+    # -- producer thread: fetch, decode, preprocess -------------------------------------
+
+    def _produce(
+        self, shard: Shard, batches: queue.Queue, errors: list[_Item], timings: _Timings
+    ) -> None:
+        try:
+            batch: list[_Item] = []
+            for item in self._decoded(shard, timings):
+                if item.error is not None:
+                    errors.append(item)
+                    continue
+                batch.append(item)
+                if len(batch) == self.config.batch_size:
+                    batches.put(self._prepare(batch, timings))
+                    batch = []
+            if batch:
+                batches.put(self._prepare(batch, timings))
+            batches.put(_DONE)
+        except BaseException as exc:  # handed to the consumer, which fails the shard
+            batches.put(_Failed(exc))
+
+    def _decoded(self, shard: Shard, timings: _Timings) -> Iterator[_Item]:
+        """Samples decoded on the pool, yielded in source order with a bounded window."""
+        window = 2 * self.config.batch_size
+        pending: deque = deque()
+        samples = read_shard(shard, self._input, image_column=self.config.image_column)
+        for seq in itertools.count():
+            t0 = time.perf_counter()
+            sample = next(samples, None)
+            timings.add("fetch", time.perf_counter() - t0)
+            if sample is None:
+                break
+            pending.append(self._decode_pool.submit(self._decode, _Item(seq, sample), timings))
+            while len(pending) > window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    @staticmethod
+    def _decode(item: _Item, timings: _Timings) -> _Item:
+        if item.sample.error is not None:
+            item.error = item.sample.error
+            return item
+        t0 = time.perf_counter()
+        try:
+            item.image = decode_image(item.sample.data or b"")
+        except DecodeError as exc:
+            item.error = (exc.code, exc.message)
+        timings.add("decode", time.perf_counter() - t0)
+        return item
+
+    def _prepare(self, items: list[_Item], timings: _Timings) -> _Batch:
+        t0 = time.perf_counter()
+        try:
+            inputs = self.captioner.prepare([item.image for item in items])
+        except Exception:
+            inputs = None  # the consumer retries image by image to find the culprit
+        timings.add("preprocess", time.perf_counter() - t0)
+        return _Batch(items, inputs)
+
+    # -- consumer: the model ---------------------------------------------------------------
+
+    def _caption(self, batch: _Batch, errors: list[_Item], timings: _Timings) -> list[tuple[_Item, str]]:
+        if batch.inputs is not None:
+            try:
+                with self._model_lock:
+                    t0 = time.perf_counter()
+                    captions = self.captioner.generate(batch.inputs)
+                    timings.add("generate", time.perf_counter() - t0)
+                return list(zip(batch.items, captions, strict=True))
+            except Exception:
+                if len(batch.items) == 1:
+                    raise
+        return self._caption_one_by_one(batch.items, errors, timings)
+
+    def _caption_one_by_one(
+        self, items: list[_Item], errors: list[_Item], timings: _Timings
+    ) -> list[tuple[_Item, str]]:
+        """Isolate the images a batch failed on; if every one fails, the model is at fault."""
+        done: list[tuple[_Item, str]] = []
+        failed: list[_Item] = []
+        last: Exception | None = None
+        for item in items:
+            try:
+                inputs = self.captioner.prepare([item.image])
+                with self._model_lock:
+                    t0 = time.perf_counter()
+                    (caption,) = self.captioner.generate(inputs)
+                    timings.add("generate", time.perf_counter() - t0)
+                done.append((item, caption))
+            except Exception as exc:
+                last = exc
+                item.error = (ErrorCode.MODEL_FAILED, _one_line(exc))
+                failed.append(item)
+        if failed and not done:
+            raise RuntimeError(f"the model failed on every image of a batch: {_one_line(last)}") from last
+        errors.extend(failed)
+        return done
+
+    # -- rows ---------------------------------------------------------------------------
+
+    def _base_row(self, shard: Shard, item: _Item) -> dict[str, Any]:
+        data = item.sample.data
+        return {
+            "image_id": item.sample.image_id,
+            "source_uri": item.sample.source_uri,
+            "shard_id": shard.shard_id,
+            "size_bytes": len(data) if data is not None else None,
+            "sha256": hashlib.sha256(data).hexdigest() if data is not None else None,
+            "model": self.config.model,
+            "prompt": self.config.prompt,
+            "source_metadata": list(item.sample.metadata.items()) or None,
+        }
+
+    def _ok_row(self, shard: Shard, item: _Item, caption: str) -> dict[str, Any]:
+        assert item.image is not None
+        return self._base_row(shard, item) | {
+            "status": RowStatus.OK.value,
+            "width": item.image.width,
+            "height": item.image.height,
+            "caption": caption,
+        }
+
+    def _error_row(self, shard: Shard, item: _Item) -> dict[str, Any]:
+        assert item.error is not None
+        code, message = item.error
+        return self._base_row(shard, item) | {
+            "status": RowStatus.ERROR.value,
+            "error_code": code.value,
+            "error_message": message,
+        }
+
+
+def _one_line(exc: BaseException | None) -> str:
+    text = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
+    return " ".join(text.split())[:500]
