@@ -1,0 +1,123 @@
+"""Bytes to a fully loaded RGB image, or a DecodeError with a reason code; never a crash."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from loupe.schemas.codes import ErrorCode
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+# Limits on the header's dimensions, checked before any pixel is decoded. The pixel budget is
+# Pillow's Image.MAX_IMAGE_PIXELS (read at call time, so a caller may tune it). Model
+# preprocessors scale the shorter side to a few hundred pixels: at 50:1 that already makes a
+# ~17,000-pixel strip, and beyond it the "image" is a banner, a spacer or a forged header.
+# A side over 2^15 (twice WebP's own cap of 16383) is refused even within the pixel budget:
+# no model input needs it, and it keeps one-pixel-thin headers out if the ratio is ever raised.
+MAX_SIDE = 32768
+MAX_ASPECT_RATIO = 50.0
+
+# Once, at import: the warnings filter list is process-wide, and catch_warnings() per call
+# would race between decode threads. The explicit pixel check in decode_image does not rely on
+# this (pytest, for one, resets filters around each test).
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+Image.init()  # registers every plugin now, so identifying unsupported formats below is read-only
+
+
+class DecodeError(Exception):
+    """Why these bytes are not a usable image: a reason code and a short human message."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode to a fully loaded RGB image (first frame, EXIF orientation applied)."""
+    if not data:
+        raise DecodeError(ErrorCode.EMPTY, "zero bytes")
+    try:
+        im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        raise _unidentified(data) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError(ErrorCode.DECOMPRESSION_BOMB, _one_line(exc)) from None
+    except Exception as exc:  # a plugin choking on a damaged header
+        raise DecodeError(ErrorCode.TRUNCATED, f"corrupt header ({_one_line(exc)})") from None
+    _check_dimensions(*im.size)
+    try:
+        im.load()  # the first frame only: animations are not advanced
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError(ErrorCode.DECOMPRESSION_BOMB, _one_line(exc)) from None
+    except Exception as exc:  # OSError "image file is truncated", broken zlib/JPEG data, ...
+        raise DecodeError(ErrorCode.TRUNCATED, f"corrupt or truncated data ({_one_line(exc)})") from None
+    with contextlib.suppress(Exception):  # a malformed EXIF block must not cost a good image
+        ImageOps.exif_transpose(im, in_place=True)
+    try:
+        return _to_rgb(im)
+    except Exception as exc:  # a pixel mode Pillow cannot convert
+        raise DecodeError(
+            ErrorCode.UNSUPPORTED_FORMAT, f"cannot convert mode {im.mode} ({_one_line(exc)})"
+        ) from None
+
+
+def _check_dimensions(width: int, height: int) -> None:
+    if width <= 0 or height <= 0:
+        raise DecodeError(ErrorCode.BAD_DIMENSIONS, f"{width}x{height}: a side is zero")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise DecodeError(ErrorCode.DECOMPRESSION_BOMB, f"{width}x{height} is more than {limit} pixels")
+    if max(width, height) > MAX_SIDE:
+        raise DecodeError(ErrorCode.BAD_DIMENSIONS, f"{width}x{height}: a side is over {MAX_SIDE}")
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise DecodeError(
+            ErrorCode.BAD_DIMENSIONS, f"{width}x{height}: aspect ratio over {MAX_ASPECT_RATIO:g}:1"
+        )
+
+
+def _unidentified(data: bytes) -> DecodeError:
+    # Only the plugins' signature checks run here, never a parser: parsing a format we refuse
+    # is exactly the risk the allow-list avoids.
+    prefix = data[:16]
+    for name, (_, accept) in Image.OPEN.items():
+        verdict = accept(prefix) if accept else False
+        if not verdict or isinstance(verdict, str):
+            continue
+        if name in ALLOWED_FORMATS:
+            # Pillow refuses, at identification, both damaged headers and a side of zero.
+            return DecodeError(ErrorCode.TRUNCATED, f"{name} signature but an unreadable header")
+        return DecodeError(ErrorCode.UNSUPPORTED_FORMAT, f"{name} images are not accepted")
+    return DecodeError(ErrorCode.NOT_AN_IMAGE, "not a recognised image format")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    im = _to_8_bits(im)
+    if im.has_transparency_data:  # P with tRNS, LA, RGBA, PA, ...: flatten onto white
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _to_8_bits(im: Image.Image) -> Image.Image:
+    # Pillow's own conversions from 16/32-bit and float clip at 255, which turns an ordinary
+    # 16-bit photo white. 16-bit has a known range; for I and F only the data can tell.
+    if im.mode.startswith("I;16"):
+        lo, hi = 0, 65535
+        im = im.convert("I")
+    elif im.mode in ("I", "F"):
+        lo, hi = im.getextrema()
+    else:
+        return im
+    scale = 255 / (hi - lo) if hi > lo else 0.0
+    return im.point(lambda v: (v - lo) * scale).convert("L")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
