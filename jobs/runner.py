@@ -34,12 +34,13 @@ from loupe.schemas.manifest import (
 )
 from loupe.schemas.plan import Shard, ShardKind
 from loupe.workers.captioner import check_model
-from loupe.workers.storage import Storage, join_uri, open_storage
+from loupe.workers.storage import MissingLocation, Storage, join_uri, open_storage
 
 # Shards queued on each replica: one running, one whose images are fetched and decoded
 # meanwhile (a replica runs two shards at once and serializes only the model).
 SHARDS_PER_REPLICA = 2
 REPLICA_MAX_RESTARTS = 3
+PROBE_INTERVAL_S = 0.5
 
 
 class JobObserver(Protocol):
@@ -192,7 +193,7 @@ def _list(storage: Storage, prefix: str) -> list:
     """Objects under an OUTPUT sub-folder; a folder not created yet holds nothing."""
     try:
         return list(storage.list(prefix))
-    except UserError:
+    except MissingLocation:
         return []
 
 
@@ -258,7 +259,10 @@ class _ReplicaPool:
             device, threads = "cuda", None
         else:
             count = config.replicas or 1
-            cpus = max(1.0, resources.get("CPU", 1.0) / count)
+            # A replica must fit on one node, and N replicas on the cluster, or Ray would
+            # leave some pending forever; fractions are fine (torch threads are set below).
+            node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=1.0)
+            cpus = round(min(node_cpus, resources.get("CPU", 1.0) / count), 2)
             options = {"num_cpus": cpus}
             device, threads = "cpu", max(1, math.floor(cpus))
         replica = _replica_class().options(
@@ -294,7 +298,8 @@ class _ReplicaPool:
         retries: deque[tuple[Shard, int, int]] = deque()  # (shard, attempt, replica it failed on)
         load = [0] * len(self.actors)
         healthy = set(range(len(self.actors)))
-        probes: dict[Any, int] = {}
+        probes: dict[Any, int] = {}  # a `ready` call to a replica that died, by replica
+        later: list[tuple[float, int]] = []  # probes to send again once a restart had time
         in_flight: dict[Any, tuple[Shard, int, int]] = {}
         exhausted = False
 
@@ -314,18 +319,27 @@ class _ReplicaPool:
                     ref = self.actors[index].process.remote(*work)
                     in_flight[ref] = (*work, index)
                     load[index] += 1
-            if not in_flight and not probes:
+            now = time.monotonic()
+            for due, index in [p for p in later if p[0] <= now]:
+                later.remove((due, index))
+                probes[self.actors[index].ready.remote()] = index
+            if not in_flight and not probes and not later:
                 if not retries and exhausted:
                     return
                 if not healthy:
                     raise RuntimeError("every model replica died; rerun the same command to resume")
                 continue
-            (ref,), _ = ray.wait([*in_flight, *probes], num_returns=1)
+            ready, _ = ray.wait([*in_flight, *probes], num_returns=1, timeout=PROBE_INTERVAL_S if later else None)
+            if not ready:
+                continue
+            ref = ready[0]
             if ref in probes:
                 index = probes.pop(ref)
                 try:
                     ray.get(ref)
                     healthy.add(index)
+                except ray.exceptions.ActorUnavailableError:
+                    later.append((time.monotonic() + PROBE_INTERVAL_S, index))  # still restarting
                 except ray.exceptions.RayError:
                     pass  # Ray gave up restarting it: it stays out of the pool
                 continue

@@ -16,7 +16,7 @@ from loupe.schemas.manifest import (
     ShardStats,
     shard_id_from_path,
 )
-from loupe.workers.storage import Storage, join_uri, open_storage
+from loupe.workers.storage import MissingLocation, Storage, join_uri, open_storage
 
 
 @dataclass
@@ -77,7 +77,7 @@ def _read_all(storage: Storage, prefix: str) -> list[bytes]:
     """Every record in an OUTPUT sub-folder, fetched concurrently (one small GET each)."""
     try:
         uris = sorted((o.uri for o in storage.list(prefix)), key=lambda u: shard_id_from_path(u))
-    except UserError:
+    except MissingLocation:
         return []  # the folder does not exist yet
     with ThreadPoolExecutor(max_workers=16) as pool:
         return list(pool.map(storage.read_bytes, uris))

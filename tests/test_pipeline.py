@@ -1,0 +1,93 @@
+"""The per-shard pipeline in-process: rows in source order, error rows, model-failure isolation."""
+
+import io
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from loupe.schemas.config import JobConfig
+from loupe.schemas.manifest import ShardStats, part_path, stats_path
+from loupe.schemas.plan import Shard, ShardKind
+from loupe.schemas.rows import OUTPUT_SCHEMA
+from loupe.workers.pipeline import ShardProcessor
+from loupe.workers.reader import image_id_for
+
+
+class SizeCaptioner:
+    """Captions an image by its size; fails on images of a chosen width (or on all of them)."""
+
+    model_id = "stub"
+
+    def __init__(self, fail_width=None, fail_all=False):
+        self.fail_width, self.fail_all, self.calls = fail_width, fail_all, []
+
+    def prepare(self, images):
+        return [im.size for im in images]
+
+    def generate(self, sizes):
+        self.calls.append(len(sizes))
+        if self.fail_all or any(w == self.fail_width for w, _ in sizes):
+            raise RuntimeError("CUDA error: simulated")
+        return [f"{w}x{h}" for w, h in sizes]
+
+
+def _shard(folder, names):
+    return Shard(3, ShardKind.FILES, tuple(str(folder / n) for n in names))
+
+
+def _config(folder, out, **kw):
+    return JobConfig(input=str(folder), output=str(out), model="stub", batch_size=3, **kw)
+
+
+def test_rows_follow_source_order_with_error_rows(sample_images, tmp_path):
+    names = sorted(p.name for p in sample_images.iterdir())
+    processor = ShardProcessor(_config(sample_images, tmp_path), captioner=SizeCaptioner())
+    stats = processor.process(_shard(sample_images, names), node_id="n1")
+
+    table = pq.read_table(tmp_path / part_path(3))
+    assert table.schema.equals(OUTPUT_SCHEMA, check_metadata=False)
+    rows = table.to_pylist()
+    assert [r["source_uri"] for r in rows] == [str(sample_images / n) for n in names]
+    assert all(r["image_id"] == image_id_for(r["source_uri"]) for r in rows)
+    errors = {r["source_uri"].rsplit("/", 1)[-1]: r["error_code"] for r in rows if r["status"] == "error"}
+    assert errors == {"broken-empty.jpg": "empty_file", "broken-truncated.jpg": "truncated"}
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["caption"] == f"{r['width']}x{r['height']}" and len(r["sha256"]) == 64
+
+    recorded = ShardStats.from_json((tmp_path / stats_path(3)).read_bytes())
+    assert recorded == stats
+    assert (stats.rows, stats.rows_ok, stats.rows_error) == (14, 12, 2)
+    assert stats.error_codes == {"empty_file": 1, "truncated": 1}
+    assert {"fetch", "decode", "preprocess", "generate", "write"} <= stats.timings.keys()
+
+
+def test_one_failing_image_becomes_an_error_row(sample_images, tmp_path):
+    names = sorted(p.name for p in sample_images.iterdir() if p.name.startswith("scene"))
+    captioner = SizeCaptioner(fail_width=200)
+    processor = ShardProcessor(_config(sample_images, tmp_path), captioner=captioner)
+    stats = processor.process(_shard(sample_images, names))
+    rows = pq.read_table(tmp_path / part_path(3)).to_pylist()
+    failed = [r for r in rows if r["status"] == "error"]
+    assert failed and all(r["width"] is None and r["error_code"] == "model_failed" for r in failed)
+    assert "simulated" in failed[0]["error_message"]
+    assert stats.rows_ok == len(rows) - len(failed) > 0
+
+
+def test_a_model_failing_on_everything_fails_the_shard(sample_images, tmp_path):
+    processor = ShardProcessor(_config(sample_images, tmp_path), captioner=SizeCaptioner(fail_all=True))
+    with pytest.raises(RuntimeError, match="every image"):
+        processor.process(_shard(sample_images, ["scene-000.png", "scene-001.jpg"]))
+    assert not (tmp_path / stats_path(3)).exists()
+
+
+def test_real_tiny_model_captions(sample_images, tmp_path, tiny_llava):
+    config = JobConfig(input=str(sample_images), output=str(tmp_path), model=tiny_llava, max_new_tokens=6, batch_size=4)
+    processor = ShardProcessor(config, device="cpu")
+    names = ["scene-000.png", "scene-001.jpg", "scene-002.jpg", "broken-empty.jpg", "scene-003.jpg"]
+    processor.process(_shard(sample_images, names))
+    rows = pq.read_table(tmp_path / part_path(3)).to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "error", "ok"]
+    assert all(r["caption"] for r in rows if r["status"] == "ok")
+    assert {r["model"] for r in rows} == {tiny_llava}
