@@ -1,0 +1,200 @@
+"""Captioner: batched greedy captions equal one-at-a-time captions for every family; clear load errors."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from loupe.schemas.errors import UserError
+from loupe.workers.captioner import Captioner, check_model
+from loupe.workers.random_model import FAMILIES, build_random_model
+
+# (width, height): every aspect ratio gets its own anyres tile grid and so its own number of
+# image tokens in llava-next and llava-onevision, which forces real left padding in a batch;
+# the two largest also take OneVision's feature pooling path.
+SIZES = [(40, 30), (30, 90), (120, 50), (64, 64), (200, 150)]
+NEW_TOKENS = 12
+PADDED_FAMILIES = ["llava-next", "llava-onevision"]
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Images of different sizes and unlike content, so that each gets its own caption."""
+    rng = np.random.default_rng(7)
+    patterns = [
+        lambda x, y, w, h: np.stack([x * 255 // w, y * 255 // h, (x + y) % 256], -1),
+        lambda x, y, w, h: ((x // 8 + y // 8) % 2)[..., None] * np.array([255, 40, 40]),
+        lambda x, y, w, h: np.stack(
+            [np.sin(x / 3) * 127 + 128, np.full_like(x, 90), np.cos(y / 5) * 127 + 128], -1
+        ),
+        lambda x, y, w, h: rng.integers(0, 256, (h, w, 3)),
+        lambda x, y, w, h: np.array([20, 160, 60]) + (x > w // 2)[..., None] * 80,
+    ]
+    result = []
+    for (width, height), pattern in zip(SIZES, patterns, strict=True):
+        y, x = np.mgrid[0:height, 0:width]
+        result.append(Image.fromarray(np.clip(pattern(x, y, width, height), 0, 255).astype(np.uint8)))
+    return result
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("captioner-models")
+    return {family: build_random_model(root / family, family, "tiny", seed=0) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def captioner(checkpoints):
+    """Captioner for (family, dtype), loaded once per module."""
+    loaded = {}
+
+    def get(family: str, dtype: str = "float64") -> Captioner:
+        if (family, dtype) not in loaded:
+            loaded[family, dtype] = Captioner(
+                str(checkpoints[family]),
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                device="cpu",
+                dtype=dtype,
+            )
+        return loaded[family, dtype]
+
+    return get
+
+
+def _one_at_a_time(captioner: Captioner, images) -> list[str]:
+    return [captioner([image])[0] for image in images]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_captions_equal_one_at_a_time(captioner, images, family):
+    # float64 makes batched and unbatched logits bitwise equal on CPU, so token-for-token
+    # equality is exact rather than at the mercy of float32 near-ties in random logits.
+    model = captioner(family)
+    inputs = model.prepare(images)
+    if family in PADDED_FAMILIES:
+        pads = (inputs["attention_mask"] == 0).sum(dim=1)
+        assert len(set(pads.tolist())) > 2, "test images must need different amounts of padding"
+        assert bool((inputs["attention_mask"][:, -1] == 1).all()), "padding must be on the left"
+
+    batched = model.generate(inputs)
+    assert batched == _one_at_a_time(model, images)
+
+    # Equality must mean something: captions are long, and they depend on the image.
+    for caption in batched:
+        assert len(model.processor.tokenizer.tokenize(caption)) >= NEW_TOKENS // 2
+    assert len(set(batched)) == len(images)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_logits_match_one_at_a_time_in_float32(captioner, images, family):
+    # float32 is the CPU default; its batched and unbatched logits differ by rounding only.
+    model = captioner(family, "float32")
+    with torch.inference_mode():
+        batched = model.model(**model.prepare(images)).logits[:, -1]
+        for row, image in enumerate(images):
+            single = model.model(**model.prepare([image])).logits[0, -1]
+            scale = single.abs().max()
+            torch.testing.assert_close(batched[row], single, rtol=0, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("family", PADDED_FAMILIES)
+def test_padding_mistakes_change_the_captions(captioner, images, family):
+    # The equality test above is only worth having if it fails on padding bugs.
+    model = captioner(family)
+    expected = _one_at_a_time(model, images)
+
+    unmasked = model.prepare(images)
+    unmasked["attention_mask"] = torch.ones_like(unmasked["attention_mask"])
+    assert model.generate(unmasked) != expected
+
+    tokenizer = model.processor.tokenizer
+    tokenizer.padding_side = "right"
+    try:
+        right_padded = model.prepare(images)
+    finally:
+        tokenizer.padding_side = "left"
+    assert model.generate(right_padded) != expected
+
+
+def test_prepare_in_a_thread_while_generating(captioner, images):
+    model = captioner("llava-onevision")
+    expected = model(images[:3]) + model(images[3:])
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = model.prepare(images[:3])
+        second = pool.submit(model.prepare, images[3:])
+        captions = model.generate(first)
+        captions += model.generate(second.result())
+    assert captions == expected
+
+
+def test_captioner_settings(captioner):
+    model = captioner("llava")
+    assert model.device == torch.device("cpu")
+    assert model.model.dtype == torch.float64
+    assert model.model.config._attn_implementation == "sdpa"
+    assert not model.model.training
+    assert model.generation_config.do_sample is False
+    assert model.generation_config.num_beams == 1
+
+
+def test_sampling_generation_config_of_a_checkpoint_is_overridden(captioner, checkpoints, images, tmp_path):
+    import json
+    import shutil
+
+    sampling = shutil.copytree(checkpoints["llava"], tmp_path / "sampling")
+    config = json.loads((sampling / "generation_config.json").read_text())
+    config.update(do_sample=True, temperature=5.0, top_k=0, num_beams=3)
+    (sampling / "generation_config.json").write_text(json.dumps(config))
+    model = Captioner(str(sampling), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, dtype="float64")
+    assert model(images) == captioner("llava")(images)
+
+
+def test_check_model_accepts_a_random_checkpoint(checkpoints):
+    for path in checkpoints.values():
+        check_model(str(path))
+
+
+@pytest.mark.parametrize("model", ["missing-dir", "loupe-test/no-such-model"])
+def test_check_model_rejects_unknown_models(tmp_path, monkeypatch, model):
+    monkeypatch.chdir(tmp_path)  # "missing-dir" is a path that does not exist
+    with pytest.raises(UserError) as raised:
+        check_model(model)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert repr(model) in message and "not found" in message
+
+
+def test_check_model_rejects_a_text_only_checkpoint(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    ).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="not an image-text-to-text model"):
+        check_model(str(tmp_path))
+
+
+def test_captioner_on_a_missing_model_is_a_user_error(tmp_path):
+    with pytest.raises(UserError) as raised:
+        Captioner(str(tmp_path / "missing"), device="cpu")
+    assert "\n" not in str(raised.value)
+
+
+def test_captioner_on_a_checkpoint_without_weights_is_a_user_error(checkpoints, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(checkpoints["llava"], tmp_path / "broken")
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="could not be loaded from the local path") as raised:
+        Captioner(str(broken), device="cpu")
+    assert "\n" not in str(raised.value)
+
+
+def test_captioner_rejects_an_unknown_dtype(checkpoints):
+    with pytest.raises(UserError, match="unknown dtype"):
+        Captioner(str(checkpoints["llava"]), device="cpu", dtype="float8")

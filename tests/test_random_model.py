@@ -1,0 +1,104 @@
+"""Random-weight checkpoints: built offline, loaded through the real from_pretrained path, reproducible."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from PIL import Image
+
+from loupe.schemas.errors import UserError
+from loupe.workers.random_model import FAMILIES, build_random_model
+
+EXPECTED = {
+    "llava": ("LlavaForConditionalGeneration", "LlavaProcessor", "USER: <image>\nDescribe it. ASSISTANT:"),
+    "llava-next": (
+        "LlavaNextForConditionalGeneration",
+        "LlavaNextProcessor",
+        "[INST] <image>\nDescribe it. [/INST]",
+    ),
+    "llava-onevision": (
+        "LlavaOnevisionForConditionalGeneration",
+        "LlavaOnevisionProcessor",
+        "<|im_start|>user\n<image>\nDescribe it.<|im_end|>\n<|im_start|>assistant\n",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("random-models")
+    return {family: build_random_model(root / family, family, "tiny", seed=0) for family in FAMILIES}
+
+
+def _digests(path):
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoint_loads_like_a_real_one(checkpoints, family):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model_class, processor_class, prompt = EXPECTED[family]
+    processor = AutoProcessor.from_pretrained(checkpoints[family])
+    model = AutoModelForImageTextToText.from_pretrained(checkpoints[family])
+    assert type(model).__name__ == model_class
+    assert type(processor).__name__ == processor_class
+
+    tokenizer = processor.tokenizer
+    assert 1000 <= len(tokenizer) <= 2000
+    assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+    assert tokenizer.pad_token is not None and tokenizer.eos_token is not None
+    # The trained vocabulary covers ordinary English with word pieces, not single characters.
+    assert len(tokenizer.tokenize("A photo of a red car in the street.")) <= 10
+
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}
+    ]
+    assert processor.apply_chat_template(conversation, add_generation_prompt=True) == prompt
+
+
+@pytest.mark.parametrize("family", ["llava-next", "llava-onevision"])
+def test_anyres_tiling_depends_on_aspect_ratio(checkpoints, family):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoints[family])
+    counts = []
+    for width, height in [(40, 30), (30, 90), (120, 50)]:
+        inputs = processor(images=Image.new("RGB", (width, height)), text="<image>", return_tensors="pt")
+        assert inputs["pixel_values"].shape[1] > 1  # base image plus high-resolution tiles
+        counts.append(int((inputs["input_ids"] == processor.image_token_id).sum()))
+    assert len(set(counts)) == 3
+
+
+def test_same_seed_same_files_other_seed_other_weights(checkpoints, tmp_path):
+    again = _digests(build_random_model(tmp_path / "again", "llava-onevision", "tiny", seed=0))
+    assert again == _digests(checkpoints["llava-onevision"])
+
+    other = _digests(build_random_model(tmp_path / "other", "llava-onevision", "tiny", seed=1))
+    assert other["model.safetensors"] != again["model.safetensors"]
+    assert other["tokenizer.json"] == again["tokenizer.json"]
+
+
+def test_same_seed_same_captions(checkpoints, tmp_path):
+    from loupe.workers.captioner import Captioner
+
+    images = [Image.new("RGB", (40, 30), "red"), Image.new("RGB", (30, 90), "blue")]
+    rebuilt = build_random_model(tmp_path / "again", "llava", "tiny", seed=0)
+    captions = [
+        Captioner(str(path), max_new_tokens=8, min_new_tokens=8)(images)
+        for path in (checkpoints["llava"], rebuilt)
+    ]
+    assert captions[0] == captions[1]
+    assert all(captions[0])
+
+
+@pytest.mark.parametrize(("family", "size"), [("llava-2", "tiny"), ("llava", "huge")])
+def test_unknown_family_or_size_is_a_user_error(tmp_path, family, size):
+    with pytest.raises(UserError) as raised:
+        build_random_model(tmp_path / "model", family, size)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert repr(family if family not in FAMILIES else size) in message
+    assert not (tmp_path / "model").exists()
