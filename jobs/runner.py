@@ -227,9 +227,11 @@ def _replica_class():
 
         def __init__(self, config: JobConfig, device: str, threads: int | None) -> None:
             import torch
+            from transformers.utils import logging as hf_logging
 
             from loupe.workers.pipeline import ShardProcessor
 
+            hf_logging.disable_progress_bar()
             if threads:
                 torch.set_num_threads(threads)
             self.node_id = ray.get_runtime_context().get_node_id()

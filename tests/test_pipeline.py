@@ -91,3 +91,22 @@ def test_real_tiny_model_captions(sample_images, tmp_path, tiny_llava):
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "error", "ok"]
     assert all(r["caption"] for r in rows if r["status"] == "ok")
     assert {r["model"] for r in rows} == {tiny_llava}
+
+
+def test_poison_corpus_every_file_becomes_a_row(tmp_path):
+    """A shard of every hazard: no exception, one row per file, each ok or with its code."""
+    from poison import make_poison_corpus
+
+    corpus = make_poison_corpus(tmp_path / "poison")
+    names = sorted(corpus)
+    processor = ShardProcessor(_config(tmp_path / "poison", tmp_path / "out"), captioner=SizeCaptioner())
+    processor.process(_shard(tmp_path / "poison", names))
+    rows = {r["source_uri"].rsplit("/", 1)[-1]: r for r in pq.read_table(tmp_path / "out" / part_path(3)).to_pylist()}
+    assert sorted(rows) == names
+    for name, expect in corpus.items():
+        row = rows[name]
+        if expect.code is None:
+            assert (row["status"], row["width"], row["height"]) == ("ok", *expect.size), name
+        else:
+            assert (row["status"], row["error_code"]) == ("error", expect.code.value), name
+            assert row["error_message"] and "\n" not in row["error_message"]

@@ -80,7 +80,7 @@ def test_rerun_resumes_and_different_plan_is_refused(sample_images, tiny_llava, 
         (out / STATS_DIR / f"shard-{shard_id:05d}.json").unlink()
     (out / "parts" / "part-00003.parquet").unlink()
     before = {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()}
-    again = run_job(config.model_copy(update={"batch_size": 2}))  # speed knobs may change
+    again = run_job(config.model_copy(update={"replicas": 2}))  # speed knobs may change
     assert (again.shards_skipped, again.images_this_run, again.complete) == (2, 6, True)
     after = {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()}
     assert after["part-00000.parquet"] == before["part-00000.parquet"]
