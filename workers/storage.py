@@ -75,11 +75,15 @@ def join_uri(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(part.strip("/") for part in parts if part.strip("/"))])
 
 
-def open_storage(uri: str, endpoint_url: str | None = None) -> Storage:
-    """The storage for `uri`'s scheme; cheap, so each worker makes its own."""
+def open_storage(uri: str, endpoint_url: str | None = None, *, max_attempts: int = 10) -> Storage:
+    """The storage for `uri`'s scheme; cheap, so each worker makes its own.
+
+    `max_attempts` bounds S3 retries: patient for the job's reads and writes, low for a
+    preflight check that should tell a user about a wrong endpoint in seconds.
+    """
     scheme = uri.split("://", 1)[0] if "://" in uri else ""
     if scheme == "s3":
-        return S3Storage(endpoint_url=endpoint_url)
+        return S3Storage(endpoint_url=endpoint_url, max_attempts=max_attempts)
     if scheme in ("", "file"):
         return LocalStorage()
     raise UserError(f"unsupported storage scheme {scheme}:// in {uri} (use a local path or s3://)")
