@@ -1,4 +1,4 @@
-"""Random-weight LLaVA-family checkpoints built offline that load exactly like real ones."""
+"""Random-weight LLaVA-family and CLIP checkpoints built offline that load exactly like real ones."""
 
 from __future__ import annotations
 
@@ -80,11 +80,13 @@ def build_random_model(dest: str | Path, family: str, size: str = "tiny", seed: 
 
     Config, safetensors weights, tokenizer, image processor and chat template are written
     with transformers' own save_pretrained, so the checkpoint loads with AutoProcessor and
-    AutoModelForImageTextToText like any checkpoint from the hub. The same arguments always
-    produce the same files.
+    AutoModelForImageTextToText like any checkpoint from the hub ("clip": build_random_clip).
+    The same arguments always produce the same files.
     """
+    if family == CLIP_FAMILY:
+        return build_random_clip(dest, size, seed)
     if family not in FAMILIES:
-        raise UserError(f"unknown model family {family!r}; choose one of: {', '.join(FAMILIES)}")
+        raise UserError(f"unknown model family {family!r}; choose one of: {', '.join((*FAMILIES, CLIP_FAMILY))}")
     if size not in _SHAPES:
         raise UserError(f"unknown model size {size!r}; choose one of: {', '.join(SIZES)}")
     import torch
@@ -186,10 +188,25 @@ _PROMPT_TEXT = (
 _VOCAB_SIZE = 1536
 
 
+def _moderation_lines() -> list[str]:
+    """The moderator's questions about the default categories, answered "Yes" or "No".
+
+    Real tokenizers have "Yes" and "No" as single tokens both bare (an answer's first word,
+    after the assistant's chat marker) and after a space; the moderator reads their logits.
+    """
+    from loupe.schemas.taxonomy import DEFAULT_TAXONOMY
+
+    lines = []
+    for category in DEFAULT_TAXONOMY.categories:
+        question = f"Answer Yes or No. Does this image show {category.definition}?"
+        lines += [f"{question}\nassistant\nYes", f"{question}\nassistant\nNo", f"{question} Yes. {question} No."]
+    return lines
+
+
 def _corpus() -> list[str]:
     """A few hundred simple English sentences about objects, colours and scenes."""
     rng = random.Random(1234)  # fixed: the tokenizer is the same whatever the weights' seed
-    lines = [_PROMPT_TEXT] * 20
+    lines = [_PROMPT_TEXT] * 20 + _moderation_lines()
     lines += [" ".join(words) for words in (_COLOURS, _OBJECTS, _ADJECTIVES, _VERBS, _NUMBERS)]
     for _ in range(600):
         lines.append(
@@ -417,4 +434,126 @@ def _build_config(family: str, shape: ModelShape, tokenizer, vocab_size: int):
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=pinpoints,
         vision_aspect_ratio=f"anyres_max_{shape.onevision_max_patches}",
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# CLIP: the image and text towers behind image embeddings and text-to-image search
+
+CLIP_FAMILY = "clip"
+
+
+@dataclass(frozen=True)
+class ClipShape:
+    """Both CLIP towers and the shared embedding size they project to."""
+
+    vision: VisionShape
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_intermediate: int
+    projection_dim: int
+    max_text_length: int = 77  # CLIP's context length
+
+
+_CLIP_SHAPES: dict[str, ClipShape] = {
+    "tiny": ClipShape(
+        vision=VisionShape(hidden=32, layers=2, heads=2, intermediate=64, image_size=28),
+        text_hidden=32,
+        text_layers=2,
+        text_heads=2,
+        text_intermediate=64,
+        projection_dim=48,
+    ),
+    # The embedding size of the real openai/clip-vit-base-patch32, so index and Parquet sizes
+    # in benchmarks are realistic.
+    "small": ClipShape(
+        vision=VisionShape(hidden=384, layers=4, heads=6, intermediate=1536, image_size=224, patch_size=32),
+        text_hidden=384,
+        text_layers=4,
+        text_heads=6,
+        text_intermediate=1536,
+        projection_dim=512,
+    ),
+}
+
+
+def build_random_clip(dest: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a random-weight CLIPModel and CLIPProcessor to `dest` and return `dest`.
+
+    They load with CLIPModel / CLIPProcessor.from_pretrained like openai/clip-vit-base-patch32;
+    the same arguments always produce the same files.
+    """
+    if size not in _CLIP_SHAPES:
+        raise UserError(f"unknown model size {size!r}; choose one of: {', '.join(_CLIP_SHAPES)}")
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    shape = _CLIP_SHAPES[size]
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_clip_tokenizer(shape.max_text_length)
+    v = shape.vision
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=shape.text_hidden,
+            intermediate_size=shape.text_intermediate,
+            num_hidden_layers=shape.text_layers,
+            num_attention_heads=shape.text_heads,
+            max_position_embeddings=shape.max_text_length,
+            # The text tower pools at the first EOS, so it must be the tokenizer's own id.
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=v.hidden,
+            intermediate_size=v.intermediate,
+            num_hidden_layers=v.layers,
+            num_attention_heads=v.heads,
+            image_size=v.image_size,
+            patch_size=v.patch_size,
+        ),
+        projection_dim=shape.projection_dim,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": v.image_size}, crop_size={"height": v.image_size, "width": v.image_size}
+        ),
+        tokenizer=tokenizer,
+    )
+    model.save_pretrained(dest)
+    processor.save_pretrained(dest)
+    return dest
+
+
+def _train_clip_tokenizer(max_length: int):
+    """A small lower-casing byte-level BPE framed as CLIP's: <|startoftext|> text <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import TokenizersBackend
+
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    backend = Tokenizer(models.BPE())
+    backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_VOCAB_SIZE,
+        special_tokens=[bos, eos],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_corpus(), trainer=trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}",
+        pair=f"{bos} $A {eos} {eos} $B {eos}",
+        special_tokens=[(bos, backend.token_to_id(bos)), (eos, backend.token_to_id(eos))],
+    )
+    # As in openai's CLIP tokenizer, padding is EOS; the text tower pools at the first one.
+    return TokenizersBackend(
+        tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=eos, unk_token=eos, model_max_length=max_length
     )
