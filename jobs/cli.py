@@ -52,6 +52,10 @@ def run(
     ray_address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Join this Ray cluster instead of starting a local one.")] = None,
     endpoint_url: Annotated[Optional[str], typer.Option(envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint (MinIO, R2, ...).")] = None,
     image_column: Annotated[Optional[str], typer.Option(help="Image-bytes column of Parquet inputs.")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated: caption, moderate (default: both).")] = None,
+    taxonomy: Annotated[Optional[Path], typer.Option(help="Moderation categories as TOML (see `loupe moderation taxonomy`).")] = None,
+    moderation_model: Annotated[Optional[str], typer.Option(help="A separate judge checkpoint (e.g. LlavaGuard); default: --model.")] = None,
+    moderation_gpus: Annotated[Optional[float], typer.Option(help="GPUs of each separate moderation replica.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML job file; flags override its values.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different job already in OUTPUT.")] = False,
 ) -> None:
@@ -74,6 +78,10 @@ def run(
             ray_address=ray_address,
             endpoint_url=endpoint_url,
             image_column=image_column,
+            tasks=tasks,
+            taxonomy=taxonomy,
+            moderation_model=moderation_model,
+            moderation_gpus=moderation_gpus,
             overwrite=overwrite or None,
         )
         with _ProgressBar() as bar:
@@ -109,6 +117,7 @@ def status(
     table.add_row("rows", f"{state.rows_ok} ok, {state.rows_error} error")
     for code, count in state.error_codes.items():
         table.add_row("", f"{count} {code}")
+    _add_flagged(table, state.rows_flagged, state.flagged)
     table.add_row("throughput", f"{state.images_per_second:.2f} images/s")
     table.add_row("failed shards", ", ".join(str(f["shard_id"]) for f in state.failed_shards) or "none")
     table.add_row("complete", "yes" if state.complete else "no")
@@ -190,12 +199,57 @@ def _print_summary(result) -> None:
     table.add_row("rows", f"{result.rows_ok} ok, {result.rows_error} error")
     for code, count in result.error_codes.items():
         table.add_row("", f"{count} {code}")
+    _add_flagged(table, result.rows_flagged, result.flagged)
     table.add_row("this run", f"{result.images_this_run} images in {result.seconds:.1f} s ({result.images_per_second:.2f} images/s)")
     if result.nodes:
         table.add_row("nodes", str(len(result.nodes)))
     for failure in result.failures:
         table.add_row("[red]failed shard", f"{failure.shard_id}: {failure.error}")
     table.add_row("complete", "yes: _manifest.json lists every part" if result.complete else "no: rerun the same command to retry")
+    Console().print(table)
+
+
+def _add_flagged(table: Table, rows_flagged: int, flagged: dict[str, int]) -> None:
+    table.add_row("flagged", f"{rows_flagged} rows")
+    for key, count in sorted(flagged.items(), key=lambda kv: -kv[1]):
+        table.add_row("", f"{count} {key}")
+
+
+moderation_app = typer.Typer(help="Moderation taxonomy and evaluation against human labels.", no_args_is_help=True)
+app.add_typer(moderation_app, name="moderation")
+
+
+@moderation_app.command("taxonomy")
+def moderation_taxonomy() -> None:
+    """Print the default moderation taxonomy as TOML, ready to edit and pass with --taxonomy."""
+    from loupe.schemas.taxonomy import DEFAULT_TAXONOMY
+
+    typer.echo(DEFAULT_TAXONOMY.to_toml(), nl=False)
+
+
+@moderation_app.command("evaluate")
+def moderation_evaluate(
+    output: Annotated[str, typer.Argument(help="The OUTPUT of a loupe run with the moderate task.")],
+    labels: Annotated[Path, typer.Argument(help="CSV: image_id, then one 0/1 column per category (missing allowed).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    endpoint_url: Annotated[Optional[str], typer.Option(envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint.")] = None,
+) -> None:
+    """Precision, recall and F1 per category at its threshold, and the threshold that maximizes F1."""
+    from loupe.jobs.evaluate import evaluate
+
+    with _user_errors():
+        report = evaluate(output, str(labels), endpoint_url)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    table = Table(title=f"{report.matched} labelled images matched ({report.unmatched} not in the job)")
+    for column in ("category", "support", "threshold", "precision", "recall", "F1", "best threshold", "best F1"):
+        table.add_column(column, justify="left" if column == "category" else "right", no_wrap=column == "category")
+    for c in report.categories:
+        table.add_row(
+            c.category, f"{c.support}/{c.labelled}", f"{c.threshold:.2f}", f"{c.precision:.3f}",
+            f"{c.recall:.3f}", f"{c.f1:.3f}", f"{c.best_threshold:.3f}", f"{c.best_f1:.3f}",
+        )
     Console().print(table)
 
 

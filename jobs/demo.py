@@ -66,18 +66,18 @@ def run_demo(
         replicas=2,
         overwrite=True,  # each demo run starts fresh
     )
-    console.print(f"captioning {images} with 2 replicas on a local Ray cluster")
+    console.print(f"captioning and moderating {images} with 2 replicas on a local Ray cluster")
     with observer_factory() as observer:
         result = run_job(config, observer)
     print_summary(result)
-    first = sorted((output / PARTS_DIR).glob("*.parquet"))[0]
-    rows = pq.read_table(first, columns=["source_uri", "status", "error_code", "caption"]).to_pylist()
+    rows = pq.read_table(output / PARTS_DIR, columns=["source_uri", "status", "caption", "flagged_categories"])
     console.print(f"\nParquet parts: {output / PARTS_DIR}  (manifest: {output / '_manifest.json'})")
-    for row in rows[:3]:
+    for row in [r for r in rows.to_pylist() if r["status"] == "ok"][:3]:
         name = row["source_uri"].rsplit("/", 1)[-1]
-        console.print(f"  {name}: {row['status']} {row['error_code'] or ''} {row['caption']!r}")
+        flags = ", ".join(row["flagged_categories"] or []) or "none"
+        console.print(f"  {name}: {row['caption'][:60]!r}  flagged: {flags}")
     console.print(
-        "\n[bold yellow]The model has random weights, so these captions are noise.[/] "
+        "\n[bold yellow]The model has random weights, so these captions and scores are noise.[/] "
         "For real captions: loupe run INPUT OUTPUT --model llava-hf/llava-1.5-7b-hf "
         "(downloads from the Hugging Face hub, or give a local checkpoint path)."
     )

@@ -18,6 +18,7 @@ from loupe.jobs.planner import PlanSummary, plan_shards, read_plan, write_plan
 from loupe.schemas.config import JobConfig
 from loupe.schemas.errors import UserError
 from loupe.schemas.manifest import (
+    add_counts,
     FAILED_DIR,
     JOB_FILE,
     MANIFEST_FILE,
@@ -77,6 +78,8 @@ class JobResult:
     failures: list[ShardFailure] = field(default_factory=list)
     error_codes: dict[str, int] = field(default_factory=dict)
     nodes: list[str] = field(default_factory=list)
+    rows_flagged: int = 0
+    flagged: dict[str, int] = field(default_factory=dict)  # per category, over the whole job
 
     @property
     def complete(self) -> bool:
@@ -91,9 +94,14 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobResult
     """Run (or resume) a job to the end; a user mistake raises UserError before OUTPUT is touched."""
     observer = observer or _Quiet()
     started = time.time()
+    _preflight(config)
     source = open_storage(config.input, config.endpoint_url)
     sink = open_storage(config.output, config.endpoint_url)
-    check_model(config.model)
+    models = {config.model} if config.captions else set()
+    if config.moderates:
+        models.add(config.judge)
+    for model in sorted(models):
+        check_model(model)
     job = _existing_job(config, sink)
     with tempfile.TemporaryDirectory(prefix="loupe-plan-") as tmp:
         plan_file = Path(tmp) / PLAN_FILE
@@ -124,6 +132,21 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobResult
 
 
 # -- plan ------------------------------------------------------------------------------------
+
+
+def _preflight(config: JobConfig) -> None:
+    """Fail in seconds on a wrong endpoint, bucket, credentials or input path.
+
+    The job's own storage retries patiently (throttling mid-listing is no reason to give up);
+    a user's typo should not wait through those retries.
+    """
+    quick = open_storage(config.input, config.endpoint_url, max_attempts=2)
+    next(iter(quick.list(config.input)), None)
+    quick = open_storage(config.output, config.endpoint_url, max_attempts=2)
+    try:
+        next(iter(quick.list(config.output)), None)
+    except MissingLocation:
+        pass  # a new OUTPUT: nothing there yet is what we expect
 
 
 def _existing_job(config: JobConfig, sink: Storage) -> JobRecord | None:
@@ -218,24 +241,40 @@ def _connect_ray(config: JobConfig) -> None:
         raise UserError(f"could not reach a Ray cluster at {where}: {_one_line(exc)}") from None
 
 
-def _replica_class():
+def _replica_classes():
     import ray
+
+    def _setup(threads: int | None) -> None:
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        if threads:
+            torch.set_num_threads(threads)
+
+    class RemoteModerator:
+        """Hands a batch's decoded images to a separate moderation replica."""
+
+        def __init__(self, actor: Any) -> None:
+            self.actor = actor
+
+        def prepare(self, images: list) -> list:
+            return images
+
+        def score(self, images: list) -> list[dict[str, float]]:
+            return ray.get(self.actor.score.remote(images))
 
     @ray.remote
     class Replica:
         """A thin Ray shell around the plain-Python ShardProcessor."""
 
-        def __init__(self, config: JobConfig, device: str, threads: int | None) -> None:
-            import torch
-            from transformers.utils import logging as hf_logging
-
+        def __init__(self, config: JobConfig, device: str, threads: int | None, judge: Any = None) -> None:
             from loupe.workers.pipeline import ShardProcessor
 
-            hf_logging.disable_progress_bar()
-            if threads:
-                torch.set_num_threads(threads)
+            _setup(threads)
             self.node_id = ray.get_runtime_context().get_node_id()
-            self.processor = ShardProcessor(config, device=device)
+            moderator = RemoteModerator(judge) if judge is not None else None
+            self.processor = ShardProcessor(config, device=device, moderator=moderator)
 
         def ready(self) -> str:
             return self.node_id
@@ -243,7 +282,23 @@ def _replica_class():
         def process(self, shard: Shard, attempt: int) -> ShardStats:
             return self.processor.process(shard, attempt=attempt, node_id=self.node_id)
 
-    return Replica
+    @ray.remote
+    class ModerationReplica:
+        """A thin Ray shell around a Moderator loaded from --moderation-model."""
+
+        def __init__(self, config: JobConfig, device: str, threads: int | None) -> None:
+            from loupe.workers.moderator import Moderator
+
+            _setup(threads)
+            self.moderator = Moderator(config.judge, config.taxonomy, device=device)
+
+        def ready(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+        def score(self, images: list) -> list[dict[str, float]]:
+            return self.moderator(images)
+
+    return Replica, ModerationReplica
 
 
 class _ReplicaPool:
@@ -253,30 +308,37 @@ class _ReplicaPool:
         import ray
 
         self.config = config
+        separate_judge = config.moderates and config.moderation_model is not None
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0.0)
         if gpus > 0:
-            count = config.replicas or max(1, math.floor(gpus / config.gpus_per_replica))
+            per_pair = config.gpus_per_replica + ((config.moderation_gpus or config.gpus_per_replica) if separate_judge else 0)
+            count = config.replicas or max(1, math.floor(gpus / per_pair))
             options: dict[str, Any] = {"num_gpus": config.gpus_per_replica, "num_cpus": 1}
+            judge_options: dict[str, Any] = {"num_gpus": config.moderation_gpus or config.gpus_per_replica, "num_cpus": 1}
             device, threads = "cuda", None
         else:
             count = config.replicas or 1
+            actors = count * (2 if separate_judge else 1)
             # A replica must fit on one node, and N replicas on the cluster, or Ray would
             # leave some pending forever; fractions are fine (torch threads are set below).
             node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=1.0)
-            cpus = round(min(node_cpus, resources.get("CPU", 1.0) / count), 2)
-            options = {"num_cpus": cpus}
+            cpus = round(min(node_cpus, resources.get("CPU", 1.0) / actors), 2)
+            options = judge_options = {"num_cpus": cpus}
             device, threads = "cpu", max(1, math.floor(cpus))
-        replica = _replica_class().options(
-            **options,
-            max_restarts=REPLICA_MAX_RESTARTS,
-            max_task_retries=0,  # shards are retried here, on another replica where possible
-            max_concurrency=SHARDS_PER_REPLICA,
-            scheduling_strategy="SPREAD",
-        )
-        self.actors = [replica.remote(config, device, threads) for _ in range(count)]
+        common = {"max_restarts": REPLICA_MAX_RESTARTS, "max_task_retries": 0, "scheduling_strategy": "SPREAD"}
+        replica_class, judge_class = _replica_classes()
+        self.judges = []
+        if separate_judge:
+            judge = judge_class.options(**judge_options, **common, max_concurrency=SHARDS_PER_REPLICA)
+            self.judges = [judge.remote(config, device, threads) for _ in range(count)]
+        # max_task_retries=0: shards are retried here, on another replica where possible.
+        replica = replica_class.options(**options, **common, max_concurrency=SHARDS_PER_REPLICA)
+        self.actors = [
+            replica.remote(config, device, threads, self.judges[i] if self.judges else None) for i in range(count)
+        ]
         try:
-            ray.get([actor.ready.remote() for actor in self.actors])
+            ray.get([actor.ready.remote() for actor in [*self.actors, *self.judges]])
         except ray.exceptions.RayError as exc:
             self.shutdown()
             raise RuntimeError(f"a model replica failed to start: {_cause(exc)}") from None
@@ -368,7 +430,7 @@ class _ReplicaPool:
     def shutdown(self) -> None:
         import ray
 
-        for actor in self.actors:
+        for actor in [*self.actors, *self.judges]:
             ray.kill(actor)
 
 
@@ -404,10 +466,6 @@ def _finish(
         written_at=_now(),
     )
     sink.write_bytes(join_uri(config.output, MANIFEST_FILE), manifest.to_json())
-    codes: dict[str, int] = {}
-    for s in ordered:
-        for code, count in s.error_codes.items():
-            codes[code] = codes.get(code, 0) + count
     return JobResult(
         output=config.output,
         shards_total=job.shards,
@@ -418,8 +476,10 @@ def _finish(
         seconds=seconds,
         images_this_run=sum(s.rows for s in new_stats),
         failures=[f for f in failures if f.shard_id in failed],
-        error_codes=dict(sorted(codes.items())),
+        error_codes=add_counts(s.error_codes for s in ordered),
         nodes=sorted({s.node_id for s in new_stats if s.node_id}),
+        rows_flagged=sum(s.rows_flagged for s in ordered),
+        flagged=add_counts(s.flagged for s in ordered),
     )
 
 

@@ -14,6 +14,7 @@ from loupe.schemas.manifest import (
     JobRecord,
     ShardFailure,
     ShardStats,
+    add_counts,
     shard_id_from_path,
 )
 from loupe.workers.storage import MissingLocation, Storage, join_uri, open_storage
@@ -32,6 +33,8 @@ class JobStatus:
     failed_shards: list[dict[str, Any]] = field(default_factory=list)
     error_codes: dict[str, int] = field(default_factory=dict)
     model: str = ""
+    rows_flagged: int = 0
+    flagged: dict[str, int] = field(default_factory=dict)  # rows at or over each category's threshold
 
     @property
     def complete(self) -> bool:
@@ -54,10 +57,6 @@ def job_status(output: str, endpoint_url: str | None = None) -> JobStatus:
         f for f in map(ShardFailure.from_json, _read_all(storage, join_uri(output, FAILED_DIR)))
         if f.shard_id not in done
     ]
-    codes: dict[str, int] = {}
-    for s in stats:
-        for code, count in s.error_codes.items():
-            codes[code] = codes.get(code, 0) + count
     span = (max(s.finished_at for s in stats) - min(s.started_at for s in stats)) if stats else 0.0
     rows = sum(s.rows for s in stats)
     return JobStatus(
@@ -68,8 +67,10 @@ def job_status(output: str, endpoint_url: str | None = None) -> JobStatus:
         rows_error=sum(s.rows_error for s in stats),
         images_per_second=round(rows / span, 3) if span > 0 else 0.0,
         failed_shards=[{"shard_id": f.shard_id, "attempts": f.attempts, "error": f.error} for f in failures],
-        error_codes=dict(sorted(codes.items())),
+        error_codes=add_counts(s.error_codes for s in stats),
         model=str(job.settings.get("model", "")),
+        rows_flagged=sum(s.rows_flagged for s in stats),
+        flagged=add_counts(s.flagged for s in stats),
     )
 
 

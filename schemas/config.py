@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import tomllib
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loupe.schemas.errors import UserError
+from loupe.schemas.taxonomy import DEFAULT_TAXONOMY, Taxonomy, load_taxonomy
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 DEFAULT_PROMPT = "Describe this image in one or two sentences."
+TASKS = ("caption", "moderate")
+DEFAULT_TASKS = ("caption", "moderate")
 
 # The settings that decide what the output rows contain. A rerun whose plan settings equal
 # the frozen ones resumes; any difference is a different job. Batch size, replica count and
 # the cluster address change only how fast the rows come, so they may change between runs.
 PLAN_FIELDS = (
     "input",
+    "tasks",
     "model",
     "prompt",
     "max_new_tokens",
@@ -30,7 +35,7 @@ PLAN_FIELDS = (
 class JobConfig(BaseModel):
     """Everything `loupe run` needs, from flags and an optional TOML job file."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     input: str = Field(min_length=1, description="local folder, s3://bucket/prefix/, .tar or .parquet")
     output: str = Field(min_length=1, description="local folder or s3://bucket/prefix/")
@@ -47,6 +52,28 @@ class JobConfig(BaseModel):
     image_column: str = Field("image", min_length=1)
     max_shard_retries: int = Field(2, ge=0, le=100)
     overwrite: bool = False
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    taxonomy: Taxonomy = DEFAULT_TAXONOMY
+    moderation_model: str | None = Field(None, min_length=1, description="default: the captioning model")
+    moderation_gpus: float | None = Field(
+        None, gt=0, le=16, description="GPUs of a separate moderation replica (default: same as captioning)"
+    )
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _known_tasks(cls, value: Any) -> tuple[str, ...]:
+        names = [t.strip() for t in value.split(",")] if isinstance(value, str) else list(value)
+        unknown = [t for t in names if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+        if not names:
+            raise ValueError("at least one task is needed")
+        return tuple(t for t in TASKS if t in names)  # canonical order: the plan compares equal
+
+    @field_validator("taxonomy", mode="before")
+    @classmethod
+    def _taxonomy_from_path(cls, value: Any) -> Any:
+        return load_taxonomy(value) if isinstance(value, (str, Path)) else value
 
     @field_validator("min_new_tokens")
     @classmethod
@@ -63,9 +90,28 @@ class JobConfig(BaseModel):
             raise ValueError("must start with http:// or https://")
         return value
 
+    @property
+    def moderates(self) -> bool:
+        return "moderate" in self.tasks
+
+    @property
+    def captions(self) -> bool:
+        return "caption" in self.tasks
+
+    @property
+    def judge(self) -> str:
+        """The checkpoint that scores moderation categories."""
+        return self.moderation_model or self.model
+
     def plan_settings(self) -> dict[str, Any]:
-        """The settings frozen into the job plan (see PLAN_FIELDS)."""
-        return {name: getattr(self, name) for name in PLAN_FIELDS}
+        """The settings frozen into the job plan (see PLAN_FIELDS), as JSON-ready values."""
+        settings: dict[str, Any] = {name: getattr(self, name) for name in PLAN_FIELDS}
+        settings["tasks"] = list(self.tasks)
+        if self.moderates:
+            settings["moderation_model"] = self.judge
+            settings["taxonomy_sha256"] = self.taxonomy.content_hash()
+            settings["taxonomy"] = [asdict(c) for c in self.taxonomy.categories]
+        return settings
 
 
 def load_config(config_file: str | Path | None = None, **overrides: Any) -> JobConfig:

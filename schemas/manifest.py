@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -39,6 +41,14 @@ def failed_path(shard_id: int) -> str:
 def shard_id_from_path(path: str) -> int:
     """The shard number in a stats or failure record's file name."""
     return int(path.rsplit("/", 1)[-1].removeprefix("shard-").removesuffix(".json"))
+
+
+def add_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Sum per-key counts (error codes, flagged categories) over shards."""
+    total: Counter[str] = Counter()
+    for c in counts:
+        total.update(c)
+    return dict(sorted(total.items()))
 
 
 class _Record:
@@ -82,6 +92,8 @@ class ShardStats(_Record):
     node_id: str = ""
     attempt: int = 1
     timings: dict[str, float] = field(default_factory=dict)
+    rows_flagged: int = 0
+    flagged: dict[str, int] = field(default_factory=dict)  # rows at or over each category's threshold
 
 
 @dataclass

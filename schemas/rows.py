@@ -3,33 +3,60 @@
 from __future__ import annotations
 
 from enum import Enum
+from functools import lru_cache
 
 import pyarrow as pa
 
+from loupe.schemas.taxonomy import DEFAULT_TAXONOMY, Taxonomy
+
 
 class RowStatus(str, Enum):
-    """Whether an image produced a caption or an error row."""
+    """Whether an image produced its outputs or became an error row."""
 
     OK = "ok"
     ERROR = "error"
 
 
-OUTPUT_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("source_uri", pa.string(), nullable=False),
-        pa.field("shard_id", pa.int32(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),
-        pa.field("error_code", pa.string()),
-        pa.field("error_message", pa.string()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("size_bytes", pa.int64()),
-        pa.field("sha256", pa.string()),
-        pa.field("caption", pa.string()),
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("prompt", pa.string(), nullable=False),
-        pa.field("source_metadata", pa.map_(pa.string(), pa.string())),
-    ],
-    metadata={"loupe.schema_version": "1"},
-)
+_BASE_FIELDS = [
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("source_uri", pa.string(), nullable=False),
+    pa.field("shard_id", pa.int32(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error_code", pa.string()),
+    pa.field("error_message", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("size_bytes", pa.int64()),
+    pa.field("sha256", pa.string()),
+    pa.field("caption", pa.string()),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("source_metadata", pa.map_(pa.string(), pa.string())),
+]
+
+
+def moderation_type(taxonomy: Taxonomy) -> pa.StructType:
+    """One float per category, so SQL reads `moderation.violence_gore`."""
+    return pa.struct([pa.field(key, pa.float32()) for key in taxonomy.keys])
+
+
+@lru_cache(maxsize=8)
+def output_schema(taxonomy: Taxonomy = DEFAULT_TAXONOMY) -> pa.Schema:
+    """The row schema of a job; the moderation struct's fields are the taxonomy's keys.
+
+    Moderation columns are null on error rows and when the job does not moderate.
+    """
+    return pa.schema(
+        [
+            *_BASE_FIELDS,
+            pa.field("moderation", moderation_type(taxonomy)),
+            pa.field("flagged", pa.bool_()),
+            pa.field("flagged_categories", pa.list_(pa.string())),
+            pa.field("moderation_model", pa.string()),
+            pa.field("taxonomy_sha256", pa.string()),
+        ],
+        metadata={"loupe.schema_version": "2"},
+    )
+
+
+OUTPUT_SCHEMA = output_schema()

@@ -48,3 +48,34 @@ def test_plan_settings_exclude_speed_knobs():
     b = JobConfig(input="a", output="b", batch_size=32, replicas=8)
     assert a.plan_settings() == b.plan_settings()
     assert a.plan_settings() != JobConfig(input="a", output="b", prompt="other").plan_settings()
+
+
+def test_tasks_are_validated_and_canonical():
+    assert load_config(input="a", output="b", tasks="moderate, caption").tasks == ("caption", "moderate")
+    assert load_config(input="a", output="b").tasks == ("caption", "moderate")
+    with pytest.raises(UserError, match="invalid option 'tasks': .*unknown task 'translate'"):
+        load_config(input="a", output="b", tasks="caption,translate")
+
+
+def test_taxonomy_file_feeds_the_plan(tmp_path):
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[[category]]\nkey = "weapons"\ndefinition = "a gun or a knife"\nthreshold = 0.7\n')
+    job = tmp_path / "job.toml"
+    job.write_text(f'input = "a"\noutput = "b"\ntaxonomy = "{policy}"\n')
+    config = load_config(job)
+    assert config.taxonomy.keys == ("weapons",)
+    settings = config.plan_settings()
+    assert settings["taxonomy_sha256"] == config.taxonomy.content_hash()
+    assert settings["taxonomy"] == [{"key": "weapons", "definition": "a gun or a knife", "threshold": 0.7}]
+    assert settings["moderation_model"] == config.model
+    policy.write_text('[[category]]\nkey = "weapons"\ndefinition = "a gun or a knife"\nthreshold = 0.6\n')
+    assert load_config(job).plan_settings() != settings
+    assert "taxonomy" not in load_config(job, tasks="caption").plan_settings()
+
+
+def test_bad_taxonomy_file_is_one_line(tmp_path):
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[[category]]\nkey = "weapons"\ndefinition = ""\n')
+    with pytest.raises(UserError) as info:
+        load_config(input="a", output="b", taxonomy=str(policy))
+    assert "policy.toml" in str(info.value) and "\n" not in str(info.value)

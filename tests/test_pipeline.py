@@ -10,6 +10,7 @@ from loupe.schemas.config import JobConfig
 from loupe.schemas.manifest import ShardStats, part_path, stats_path
 from loupe.schemas.plan import Shard, ShardKind
 from loupe.schemas.rows import OUTPUT_SCHEMA
+from loupe.schemas.taxonomy import Category, Taxonomy
 from loupe.workers.pipeline import ShardProcessor
 from loupe.workers.reader import image_id_for
 
@@ -37,7 +38,8 @@ def _shard(folder, names):
 
 
 def _config(folder, out, **kw):
-    return JobConfig(input=str(folder), output=str(out), model="stub", batch_size=3, **kw)
+    settings = dict(input=str(folder), output=str(out), model="stub", batch_size=3, tasks="caption")
+    return JobConfig(**(settings | kw))
 
 
 def test_rows_follow_source_order_with_error_rows(sample_images, tmp_path):
@@ -47,6 +49,7 @@ def test_rows_follow_source_order_with_error_rows(sample_images, tmp_path):
 
     table = pq.read_table(tmp_path / part_path(3))
     assert table.schema.equals(OUTPUT_SCHEMA, check_metadata=False)
+    assert table["moderation"].null_count == len(table), "no moderation task, no scores"
     rows = table.to_pylist()
     assert [r["source_uri"] for r in rows] == [str(sample_images / n) for n in names]
     assert all(r["image_id"] == image_id_for(r["source_uri"]) for r in rows)
@@ -83,7 +86,9 @@ def test_a_model_failing_on_everything_fails_the_shard(sample_images, tmp_path):
 
 
 def test_real_tiny_model_captions(sample_images, tmp_path, tiny_llava):
-    config = JobConfig(input=str(sample_images), output=str(tmp_path), model=tiny_llava, max_new_tokens=6, batch_size=4)
+    config = JobConfig(
+        input=str(sample_images), output=str(tmp_path), model=tiny_llava, max_new_tokens=6, batch_size=4
+    )
     processor = ShardProcessor(config, device="cpu")
     names = ["scene-000.png", "scene-001.jpg", "scene-002.jpg", "broken-empty.jpg", "scene-003.jpg"]
     processor.process(_shard(sample_images, names))
@@ -91,6 +96,11 @@ def test_real_tiny_model_captions(sample_images, tmp_path, tiny_llava):
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "error", "ok"]
     assert all(r["caption"] for r in rows if r["status"] == "ok")
     assert {r["model"] for r in rows} == {tiny_llava}
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(set(r["moderation"]) == set(config.taxonomy.keys) for r in ok)
+    assert all(0.0 <= v <= 1.0 for r in ok for v in r["moderation"].values())
+    assert {r["moderation_model"] for r in ok} == {tiny_llava}
+    assert rows[3]["moderation"] is None and rows[3]["flagged"] is None
 
 
 def test_poison_corpus_every_file_becomes_a_row(tmp_path):
@@ -110,3 +120,51 @@ def test_poison_corpus_every_file_becomes_a_row(tmp_path):
         else:
             assert (row["status"], row["error_code"]) == ("error", expect.code.value), name
             assert row["error_message"] and "\n" not in row["error_message"]
+
+
+TWO_CATEGORIES = Taxonomy((Category("violence_gore", "blood or gore", 0.3), Category("self_harm", "self-harm", 0.5)))
+
+
+class StubModerator:
+    """Scores violence_gore by the image's width, everything else 0; fails on a chosen width."""
+
+    def __init__(self, fail_width=None):
+        self.fail_width = fail_width
+
+    def prepare(self, images):
+        return [im.size for im in images]
+
+    def score(self, sizes):
+        if any(w == self.fail_width for w, _ in sizes):
+            raise RuntimeError("judge failed")
+        return [{"violence_gore": w / 1000, "self_harm": 0.0} for w, _ in sizes]
+
+
+def test_moderation_columns_thresholds_and_counts(sample_images, tmp_path):
+    taxonomy = TWO_CATEGORIES
+    config = _config(sample_images, tmp_path, tasks="caption,moderate", taxonomy=taxonomy, moderation_model="judge")
+    processor = ShardProcessor(config, captioner=SizeCaptioner(), moderator=StubModerator(fail_width=640))
+    names = sorted(p.name for p in sample_images.iterdir())
+    stats = processor.process(_shard(sample_images, names))
+    table = pq.read_table(tmp_path / part_path(3))
+    assert table.schema.field("moderation").type.names == ["violence_gore", "self_harm"]
+    rows = table.to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert ok
+    for r in ok:
+        assert r["flagged"] == (r["width"] >= 300)
+        assert r["flagged_categories"] == (["violence_gore"] if r["width"] >= 300 else [])
+        assert r["moderation_model"] == "judge" and r["taxonomy_sha256"] == taxonomy.content_hash()
+    failed = [r for r in rows if r["error_code"] == "model_failed"]
+    assert failed and all(r["moderation"] is None and "judge failed" in r["error_message"] for r in failed)
+    assert stats.rows_flagged == sum(r["flagged"] for r in ok) == stats.flagged["violence_gore"]
+    assert "self_harm" not in stats.flagged and "moderate" in stats.timings
+
+
+def test_moderate_only_leaves_captions_null(sample_images, tmp_path):
+    config = _config(sample_images, tmp_path, tasks="moderate", moderation_model="judge", taxonomy=TWO_CATEGORIES)
+    processor = ShardProcessor(config, moderator=StubModerator())
+    processor.process(_shard(sample_images, ["scene-000.png", "scene-001.jpg"]))
+    rows = pq.read_table(tmp_path / part_path(3)).to_pylist()
+    assert [r["caption"] for r in rows] == [None, None]
+    assert all(r["moderation"] is not None for r in rows)

@@ -197,3 +197,27 @@ def test_s3_input_and_output(sample_images, tiny_llava, tmp_path, s3_client, s3_
     assert sum(r["source_uri"].startswith(f"s3://{s3_bucket}/photos/shard.tar#") for r in rows) == 2
     assert job_status(config.output, s3_endpoint).complete
     assert run_job(config).shards_skipped == manifest.shards_total
+
+
+def test_separate_moderation_replica_and_flagged_counts(sample_images, tiny_llava, tmp_path):
+    from loupe.schemas.taxonomy import Category, Taxonomy
+    from loupe.workers.random_model import build_random_model
+
+    judge = str(build_random_model(tmp_path / "judge", "llava-onevision", "tiny", seed=1))
+    # Thresholds of 0 and 1 make the flags certain whatever random weights say.
+    taxonomy = Taxonomy((Category("violence_gore", "blood or gore", 0.0), Category("weapons", "a weapon", 1.0)))
+    out = tmp_path / "out"
+    config = _config(sample_images, out, tiny_llava, moderation_model=judge, taxonomy=taxonomy, replicas=1)
+    result = run_job(config)
+
+    assert result.complete and result.rows_flagged == 12 and result.flagged == {"violence_gore": 12}
+    rows = [r for r in _rows(out) if r["status"] == "ok"]
+    assert {r["moderation_model"] for r in rows} == {judge}
+    assert all(r["caption"] and r["flagged_categories"] == ["violence_gore"] for r in rows)
+    scores = {r["moderation"]["weapons"] for r in rows}
+    assert len(scores) > 1 and all(0 < s < 1 for s in scores), "the judge scored each image"
+    state = job_status(str(out))
+    assert state.rows_flagged == 12 and state.flagged == {"violence_gore": 12}
+    job = json.loads((out / JOB_FILE).read_text())
+    assert job["settings"]["moderation_model"] == judge
+    assert job["settings"]["taxonomy_sha256"] == taxonomy.content_hash()

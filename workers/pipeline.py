@@ -25,7 +25,7 @@ from loupe.schemas.codes import ErrorCode
 from loupe.schemas.config import JobConfig
 from loupe.schemas.manifest import ShardStats
 from loupe.schemas.plan import Shard
-from loupe.schemas.rows import RowStatus
+from loupe.schemas.rows import RowStatus, output_schema
 from loupe.workers.captioner import Captioner
 from loupe.workers.decode import DecodeError, decode_image
 from loupe.workers.reader import Sample, read_shard
@@ -48,8 +48,21 @@ class _Item:
 
 @dataclass
 class _Batch:
+    """Images prepared for the models; an input left None failed to prepare."""
+
     items: list[_Item]
-    inputs: Any = None  # the processor's output, or None if preparing the batch failed
+    caption_inputs: Any = None
+    moderation_inputs: Any = None
+    error: Exception | None = None  # preparing the batch raised this
+
+
+@dataclass
+class _Result:
+    """What the models said of one image."""
+
+    item: _Item
+    caption: str | None
+    scores: dict[str, float] | None
 
 
 class _Timings:
@@ -80,17 +93,28 @@ class ShardProcessor:
         config: JobConfig,
         *,
         device: str | None = None,
-        captioner: Captioner | None = None,
+        captioner: Any = None,
+        moderator: Any = None,
         decode_threads: int | None = None,
     ) -> None:
+        """Load the models the job's tasks need; tests and remote judges pass their own."""
         self.config = config
-        self.captioner = captioner or Captioner(
-            config.model,
-            prompt=config.prompt,
-            max_new_tokens=config.max_new_tokens,
-            min_new_tokens=config.min_new_tokens,
-            device=device,
-        )
+        if config.captions and captioner is None:
+            captioner = Captioner(
+                config.model,
+                prompt=config.prompt,
+                max_new_tokens=config.max_new_tokens,
+                min_new_tokens=config.min_new_tokens,
+                device=device,
+            )
+        if config.moderates and moderator is None:
+            from loupe.workers.moderator import Moderator
+
+            moderator = Moderator(config.judge, config.taxonomy, device=device, share=captioner)
+        self.captioner = captioner if config.captions else None
+        self.moderator = moderator if config.moderates else None
+        self.schema = output_schema(config.taxonomy)
+        self._taxonomy_sha256 = config.taxonomy.content_hash()
         self._model_lock = threading.Lock()
         self._decode_pool = ThreadPoolExecutor(
             max_workers=decode_threads or min(8, (os.cpu_count() or 2)),
@@ -112,7 +136,7 @@ class ShardProcessor:
             daemon=True,
         )
         producer.start()
-        captioned: list[tuple[_Item, str]] = []
+        results: list[_Result] = []
         try:
             while True:
                 message = batches.get()
@@ -120,27 +144,25 @@ class ShardProcessor:
                     break
                 if isinstance(message, _Failed):
                     raise message.exc
-                captioned.extend(self._caption(message, errors, timings))
+                results.extend(self._infer(message, errors, timings))
         finally:
             producer.join()
 
-        rows = sorted(
-            [(item.seq, self._ok_row(shard, item, caption)) for item, caption in captioned]
-            + [(item.seq, self._error_row(shard, item)) for item in errors],
-            key=lambda pair: pair[0],
-        )
+        ok_rows = [(r.item.seq, self._ok_row(shard, r)) for r in results]
+        rows = sorted(ok_rows + [(item.seq, self._error_row(shard, item)) for item in errors], key=lambda p: p[0])
         t0 = time.perf_counter()
-        part = write_part(self._output, self.config.output, shard.shard_id, [row for _, row in rows])
+        part = write_part(self._output, self.config.output, shard.shard_id, [row for _, row in rows], self.schema)
         timings.add("write", time.perf_counter() - t0)
         finished = time.time()
         codes = Counter(item.error[0].value for item in errors if item.error)
+        flagged = Counter(key for _, row in ok_rows for key in row.get("flagged_categories") or ())
         stats = ShardStats(
             shard_id=shard.shard_id,
             part=part.path,
             part_sha256=part.sha256,
             part_bytes=part.bytes,
             rows=len(rows),
-            rows_ok=len(captioned),
+            rows_ok=len(results),
             rows_error=len(errors),
             error_codes=dict(sorted(codes.items())),
             seconds=round(finished - started, 4),
@@ -149,6 +171,8 @@ class ShardProcessor:
             node_id=node_id,
             attempt=attempt,
             timings={stage: round(value, 4) for stage, value in sorted(timings.seconds.items())},
+            rows_flagged=sum(bool(row.get("flagged")) for _, row in ok_rows),
+            flagged={key: flagged[key] for key in self.config.taxonomy.keys if flagged[key]},
         )
         write_stats(self._output, self.config.output, stats)
         return stats
@@ -205,44 +229,55 @@ class ShardProcessor:
         return item
 
     def _prepare(self, items: list[_Item], timings: _Timings) -> _Batch:
+        images = [item.image for item in items]
+        batch = _Batch(items)
         t0 = time.perf_counter()
         try:
-            inputs = self.captioner.prepare([item.image for item in items])
-        except Exception:
-            inputs = None  # the consumer retries image by image to find the culprit
+            if self.captioner is not None:
+                batch.caption_inputs = self.captioner.prepare(images)
+            if self.moderator is not None:
+                batch.moderation_inputs = self.moderator.prepare(images)
+        except Exception as exc:
+            batch.error = exc  # the consumer retries image by image to find the culprit
         timings.add("preprocess", time.perf_counter() - t0)
-        return _Batch(items, inputs)
+        return batch
 
-    # -- consumer: the model ---------------------------------------------------------------
+    # -- consumer: the models --------------------------------------------------------------
 
-    def _caption(self, batch: _Batch, errors: list[_Item], timings: _Timings) -> list[tuple[_Item, str]]:
-        if batch.inputs is not None:
+    def _run_models(self, batch: _Batch, timings: _Timings) -> list[_Result]:
+        captions: list[str | None] = [None] * len(batch.items)
+        scores: list[dict[str, float] | None] = [None] * len(batch.items)
+        with self._model_lock:
+            if self.captioner is not None:
+                t0 = time.perf_counter()
+                captions = self.captioner.generate(batch.caption_inputs)
+                timings.add("generate", time.perf_counter() - t0)
+            if self.moderator is not None:
+                t0 = time.perf_counter()
+                scores = self.moderator.score(batch.moderation_inputs)
+                timings.add("moderate", time.perf_counter() - t0)
+        return [_Result(item, c, m) for item, c, m in zip(batch.items, captions, scores, strict=True)]
+
+    def _infer(self, batch: _Batch, errors: list[_Item], timings: _Timings) -> list[_Result]:
+        if batch.error is None:
             try:
-                with self._model_lock:
-                    t0 = time.perf_counter()
-                    captions = self.captioner.generate(batch.inputs)
-                    timings.add("generate", time.perf_counter() - t0)
-                return list(zip(batch.items, captions, strict=True))
+                return self._run_models(batch, timings)
             except Exception:
                 if len(batch.items) == 1:
                     raise
-        return self._caption_one_by_one(batch.items, errors, timings)
+        return self._one_by_one(batch.items, errors, timings)
 
-    def _caption_one_by_one(
-        self, items: list[_Item], errors: list[_Item], timings: _Timings
-    ) -> list[tuple[_Item, str]]:
+    def _one_by_one(self, items: list[_Item], errors: list[_Item], timings: _Timings) -> list[_Result]:
         """Isolate the images a batch failed on; if every one fails, the model is at fault."""
-        done: list[tuple[_Item, str]] = []
+        done: list[_Result] = []
         failed: list[_Item] = []
         last: Exception | None = None
         for item in items:
             try:
-                inputs = self.captioner.prepare([item.image])
-                with self._model_lock:
-                    t0 = time.perf_counter()
-                    (caption,) = self.captioner.generate(inputs)
-                    timings.add("generate", time.perf_counter() - t0)
-                done.append((item, caption))
+                prepared = self._prepare([item], timings)
+                if prepared.error is not None:
+                    raise prepared.error
+                done += self._run_models(prepared, timings)
             except Exception as exc:
                 last = exc
                 item.error = (ErrorCode.MODEL_FAILED, _one_line(exc))
@@ -267,14 +302,25 @@ class ShardProcessor:
             "source_metadata": list(item.sample.metadata.items()) or None,
         }
 
-    def _ok_row(self, shard: Shard, item: _Item, caption: str) -> dict[str, Any]:
+    def _ok_row(self, shard: Shard, result: _Result) -> dict[str, Any]:
+        item = result.item
         assert item.image is not None
-        return self._base_row(shard, item) | {
+        row = self._base_row(shard, item) | {
             "status": RowStatus.OK.value,
             "width": item.image.width,
             "height": item.image.height,
-            "caption": caption,
+            "caption": result.caption,
         }
+        if result.scores is not None:
+            over = [c.key for c in self.config.taxonomy.categories if result.scores[c.key] >= c.threshold]
+            row |= {
+                "moderation": result.scores,
+                "flagged": bool(over),
+                "flagged_categories": over,
+                "moderation_model": self.config.judge,
+                "taxonomy_sha256": self._taxonomy_sha256,
+            }
+        return row
 
     def _error_row(self, shard: Shard, item: _Item) -> dict[str, Any]:
         assert item.error is not None

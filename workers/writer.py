@@ -11,7 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loupe.schemas.manifest import ShardStats, part_path, stats_path
-from loupe.schemas.rows import OUTPUT_SCHEMA
 from loupe.workers.storage import Storage, join_uri
 
 
@@ -25,17 +24,19 @@ class WrittenPart:
     rows: int
 
 
-def encode_part(rows: list[dict[str, Any]]) -> bytes:
-    """Rows (dicts keyed by OUTPUT_SCHEMA's field names) as Parquet file bytes."""
-    table = pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+def encode_part(rows: list[dict[str, Any]], schema: pa.Schema) -> bytes:
+    """Rows (dicts keyed by the schema's field names) as Parquet file bytes."""
+    table = pa.Table.from_pylist(rows, schema=schema)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     return buffer.getvalue()
 
 
-def write_part(storage: Storage, output: str, shard_id: int, rows: list[dict[str, Any]]) -> WrittenPart:
+def write_part(
+    storage: Storage, output: str, shard_id: int, rows: list[dict[str, Any]], schema: pa.Schema
+) -> WrittenPart:
     """Write a shard's part in one atomic put; a retried shard rewrites the same name."""
-    data = encode_part(rows)
+    data = encode_part(rows, schema)
     path = part_path(shard_id)
     storage.write_bytes(join_uri(output, path), data)
     return WrittenPart(path, hashlib.sha256(data).hexdigest(), len(data), len(rows))
