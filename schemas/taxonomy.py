@@ -35,6 +35,20 @@ class Taxonomy:
 
     categories: tuple[Category, ...]
 
+    def __post_init__(self) -> None:
+        # Also for taxonomies built in code: keys become Parquet field names and dict keys.
+        if not self.categories:
+            raise UserError("a moderation taxonomy needs at least one category")
+        seen: set[str] = set()
+        for c in self.categories:
+            if not isinstance(c.key, str) or not _KEY.fullmatch(c.key):
+                raise UserError(f"category key {c.key!r} is not a valid identifier")
+            if c.key in seen:
+                raise UserError(f"duplicate category key {c.key!r}")
+            if not 0.0 <= c.threshold <= 1.0:
+                raise UserError(f"category {c.key!r} threshold {c.threshold!r} is outside [0, 1]")
+            seen.add(c.key)
+
     @property
     def keys(self) -> tuple[str, ...]:
         return tuple(c.key for c in self.categories)

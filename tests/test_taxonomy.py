@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -188,3 +189,17 @@ def test_missing_file_is_refused(tmp_path):
 def test_definition_whitespace_is_folded_into_one_line(tmp_path):
     path = _write(tmp_path, '[[category]]\nkey = "a"\ndefinition = """\n  blood\n  or gore  """\n')
     assert load_taxonomy(path).categories[0].definition == "blood or gore"
+
+
+@pytest.mark.parametrize(
+    ("categories", "problem"),
+    [
+        ((), "at least one category"),
+        ((Category("a", "x"), Category("a", "y")), "duplicate category key 'a'"),
+        ((Category("Bad-Key", "x"),), "key 'Bad-Key' is not a valid identifier"),
+        ((Category("a", "x", 2.0),), "threshold 2.0 is outside [0, 1]"),
+    ],
+)
+def test_taxonomies_built_in_code_are_checked_too(categories, problem):
+    with pytest.raises(UserError, match=re.escape(problem)):
+        Taxonomy(categories)

@@ -1,0 +1,224 @@
+"""What moderation costs per image next to captioning: shared image prefix against one forward per category.
+
+    python -m loupe.jobs.bench_moderation [--family llava] [--images 16] [--batch-size 8]
+                                          [--max-new-tokens 32] [--repeats 3] [--json]
+
+Times, per image and on the model's thread only (preparing inputs runs on a producer thread
+in the pipeline), after a warm-up, the median over repeats:
+
+- prefill: one forward of the caption prompt with the image, no generation;
+- caption: the Captioner, every caption exactly max-new-tokens long;
+- moderation: the Moderator over the default categories, image prefix shared;
+- naive: one full forward (image + whole question) per image and category.
+
+Targets: moderation <= 1 prefill, and naive >= 5x moderation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# Set before transformers is imported: the benchmark never touches the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+STAGES = ("prefill", "caption", "moderation", "naive")
+CLOCKS = ("wall", "cpu")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    from loupe.workers.random_model import FAMILIES, SIZES
+
+    parser = argparse.ArgumentParser(prog="python -m loupe.jobs.bench_moderation", description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=FAMILIES, default="llava")
+    parser.add_argument("--size", choices=SIZES, default="small", help="random checkpoint size (default: small)")
+    parser.add_argument("--model", help="benchmark this checkpoint instead of building a random one")
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    for name in ("images", "batch_size", "max_new_tokens", "repeats", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def _images(folder: Path, count: int):
+    from PIL import Image
+
+    from loupe.jobs.demo import make_sample_images
+
+    # The demo's generated scenes: several sizes and aspect ratios, so anyres families pad.
+    return [Image.open(path).convert("RGB") for path in make_sample_images(folder, count=count)]
+
+
+def _timed(fn: Callable[[], object], sync: Callable[[], None]) -> tuple[float, float]:
+    """(wall, CPU) seconds of fn(): CPU time is this process's, all its threads."""
+    sync()
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    sync()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """Build or load the checkpoint, time every stage, and return the results as plain data."""
+    import torch
+
+    from loupe.schemas.taxonomy import DEFAULT_TAXONOMY
+    from loupe.workers.captioner import Captioner
+    from loupe.workers.moderator import Moderator
+    from loupe.workers.random_model import build_random_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="loupe-bench-") as tmp:
+        model = args.model or str(build_random_model(Path(tmp) / "model", args.family, args.size))
+        images = _images(Path(tmp) / "images", args.images)
+        captioner = Captioner(
+            model,
+            max_new_tokens=args.max_new_tokens,
+            min_new_tokens=args.max_new_tokens,
+            device=args.device,
+            dtype=args.dtype,
+        )
+        # As in the pipeline: one set of weights serves both.
+        moderator = Moderator(model, DEFAULT_TAXONOMY, share=captioner)
+
+    batches = [images[i : i + args.batch_size] for i in range(0, len(images), args.batch_size)]
+    caption_inputs = [captioner.prepare(batch) for batch in batches]
+    moderation_inputs = [moderator.prepare(batch) for batch in batches]
+    on_cuda = captioner.device.type == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+
+    @torch.inference_mode()
+    def prefill(i: int) -> None:
+        inputs = {
+            key: value.to(captioner.device, dtype=captioner.dtype if value.is_floating_point() else None)
+            for key, value in caption_inputs[i].items()
+        }
+        captioner.model(**inputs, logits_to_keep=1)
+
+    stages = {
+        "prefill": prefill,
+        "caption": lambda i: captioner.generate(caption_inputs[i]),
+        "moderation": lambda i: moderator.score(moderation_inputs[i]),
+        "naive": lambda i: moderator.score_independent(batches[i]),
+    }
+    for stage in stages.values():  # warm-up: allocator, kernels, lazy initialisation
+        stage(0)
+    per_image: dict[str, dict[str, list[float]]] = {clock: {name: [] for name in STAGES} for clock in CLOCKS}
+    for _ in range(args.repeats):
+        # Stages interleaved within each repeat, so that load from elsewhere on the machine
+        # falls on all of them alike.
+        for name, stage in stages.items():
+            times = [_timed(lambda s=stage, i=i: s(i), sync) for i in range(len(batches))]
+            for clock, column in zip(CLOCKS, zip(*times, strict=True), strict=True):
+                per_image[clock][name].append(sum(column) / len(images))
+
+    median: dict[str, dict[str, float]] = {}
+    for clock, stage_times in per_image.items():
+        median[clock] = {name: statistics.median(times) for name, times in stage_times.items()}
+        # Each repeat's sum, then the median, rather than the sum of two medians.
+        for extra in ("moderation", "naive"):
+            median[clock][f"caption+{extra}"] = statistics.median(
+                c + m for c, m in zip(stage_times["caption"], stage_times[extra], strict=True)
+            )
+    # Other processes on a shared CPU stretch wall time but not this process's CPU time; on a
+    # GPU the CPU only waits, so there wall time is the cost.
+    clock = "wall" if on_cuda else "cpu"
+
+    caption_tokens = torch.cat([inputs["attention_mask"].sum(-1) for inputs in caption_inputs]).float()
+    prefix_tokens = torch.cat([inputs["attention_mask"].sum(-1) for inputs in moderation_inputs]).float()
+    moderation_over_prefill = median[clock]["moderation"] / median[clock]["prefill"]
+    naive_over_moderation = median[clock]["naive"] / median[clock]["moderation"]
+    return {
+        "family": args.family if args.model is None else None,
+        "model": args.model or f"random {args.family} ({args.size})",
+        "device": str(captioner.device),
+        "dtype": str(captioner.dtype).removeprefix("torch."),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
+        "images": len(images),
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "categories": len(DEFAULT_TAXONOMY.categories),
+        "tokens": {
+            "caption_prompt_mean": round(float(caption_tokens.mean()), 1),
+            "moderation_prefix_mean": round(float(prefix_tokens.mean()), 1),
+            "suffixes_per_image": sum(len(ids) for ids in moderator.suffix_ids),
+        },
+        "clock": clock,
+        "seconds_per_image": {c: {name: round(v, 5) for name, v in values.items()} for c, values in median.items()},
+        "seconds_per_image_all_repeats": {
+            c: {name: [round(t, 5) for t in times] for name, times in values.items()} for c, values in per_image.items()
+        },
+        "moderation_over_prefill": round(moderation_over_prefill, 3),
+        "naive_over_moderation": round(naive_over_moderation, 2),
+        "targets_met": {
+            "moderation <= 1 prefill": moderation_over_prefill <= 1.0,
+            "naive >= 5x moderation": naive_over_moderation >= 5.0,
+        },
+    }
+
+
+def _table(result: dict) -> str:
+    wall, cpu = result["seconds_per_image"]["wall"], result["seconds_per_image"]["cpu"]
+    cost = result["seconds_per_image"][result["clock"]]
+    rows = [
+        ("prefill", "prefill (1 forward, caption prompt + image)"),
+        ("caption", f"caption ({result['max_new_tokens']} new tokens)"),
+        ("moderation", f"moderation, shared prefix ({result['categories']} categories)"),
+        ("naive", "moderation, naive (1 forward per category)"),
+        ("caption+moderation", "caption + moderation"),
+        ("caption+naive", "caption + naive moderation"),
+    ]
+    tokens = result["tokens"]
+    lines = [
+        f"{result['model']} on {result['device']} ({result['dtype']}; {result['machine']})",
+        (
+            f"{result['images']} images, batch {result['batch_size']}, median of {result['repeats']} repeats; "
+            f"tokens per image: caption prompt {tokens['caption_prompt_mean']}, "
+            f"moderation prefix {tokens['moderation_prefix_mean']}, suffixes {tokens['suffixes_per_image']}"
+        ),
+        "",
+        f"{'stage':<52} {'wall ms/img':>12} {'CPU ms/img':>12} {'x prefill':>10}",
+    ]
+    lines += [
+        f"{label:<52} {wall[key] * 1000:>12.1f} {cpu[key] * 1000:>12.1f} {cost[key] / cost['prefill']:>10.2f}"
+        for key, label in rows
+    ]
+    lines += ["", f"targets, on {result['clock']} time:"]
+    (prefill_target, prefill_met), (naive_target, naive_met) = result["targets_met"].items()
+    lines.append(f"{'met   ' if prefill_met else 'MISSED'} {prefill_target}  ({result['moderation_over_prefill']:.2f})")
+    lines.append(f"{'met   ' if naive_met else 'MISSED'} {naive_target}  ({result['naive_over_moderation']:.1f}x)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    result = run_benchmark(args)
+    print(json.dumps(result, indent=2) if args.json else _table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
