@@ -80,6 +80,7 @@ class JobResult:
     nodes: list[str] = field(default_factory=list)
     rows_flagged: int = 0
     flagged: dict[str, int] = field(default_factory=dict)  # per category, over the whole job
+    indexes: dict[str, Any] = field(default_factory=dict)  # kind -> IndexRecord built at the end
 
     @property
     def complete(self) -> bool:
@@ -102,6 +103,10 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobResult
         models.add(config.judge)
     for model in sorted(models):
         check_model(model)
+    if config.embeds:
+        from loupe.workers.embedder import check_embedding_models
+
+        check_embedding_models(config.image_embedding_model, config.text_embedding_model)
     job = _existing_job(config, sink)
     with tempfile.TemporaryDirectory(prefix="loupe-plan-") as tmp:
         plan_file = Path(tmp) / PLAN_FILE
@@ -115,7 +120,7 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobResult
             sink.write_bytes(join_uri(config.output, PLAN_FILE), plan_file.read_bytes())
             sink.write_bytes(join_uri(config.output, JOB_FILE), job.to_json())
 
-    done = {shard_id_from_path(obj.uri) for obj in _list(sink, join_uri(config.output, STATS_DIR))}
+    done = {shard_id_from_path(obj.uri) for obj in _list(sink, join_uri(config.output, STATS_DIR))} - {None}
     todo = (shard for shard in _read_plan(sink, config.output) if shard.shard_id not in done)
     new_stats: list[ShardStats] = []
     failures: list[ShardFailure] = []
@@ -128,7 +133,28 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobResult
             pool.shutdown()
     else:
         observer.started(job.shards, len(done), 0)
-    return _finish(config, sink, job, done, new_stats, failures, time.time() - started)
+    result = _finish(config, sink, job, done, new_stats, failures, time.time() - started)
+    if config.embeds and config.build_index and result.complete:
+        from loupe.jobs.index import build_output_index
+
+        for kind in index_kinds(config):
+            # Incremental: a resumed or extended job adds its new parts' vectors to the
+            # trained index when it still suits the data size.
+            result.indexes[kind] = build_output_index(
+                config.output,
+                kind=kind,
+                memory_budget=config.index_memory_budget,
+                target_recall=config.index_target_recall,
+                endpoint_url=config.endpoint_url,
+                incremental=True,
+            )
+        result.seconds = time.time() - started
+    return result
+
+
+def index_kinds(config: JobConfig) -> list[str]:
+    """Image vectors always; caption vectors when there is text to embed."""
+    return ["image", "caption"] if config.captions or config.text_column else ["image"]
 
 
 # -- plan ------------------------------------------------------------------------------------

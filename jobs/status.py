@@ -77,7 +77,8 @@ def job_status(output: str, endpoint_url: str | None = None) -> JobStatus:
 def _read_all(storage: Storage, prefix: str) -> list[bytes]:
     """Every record in an OUTPUT sub-folder, fetched concurrently (one small GET each)."""
     try:
-        uris = sorted((o.uri for o in storage.list(prefix)), key=lambda u: shard_id_from_path(u))
+        records = {shard_id_from_path(o.uri): o.uri for o in storage.list(prefix)}
+        uris = [records[i] for i in sorted(records.keys() - {None})]
     except MissingLocation:
         return []  # the folder does not exist yet
     with ThreadPoolExecutor(max_workers=16) as pool:

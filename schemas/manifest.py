@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -38,9 +39,14 @@ def failed_path(shard_id: int) -> str:
     return f"{FAILED_DIR}/shard-{shard_id:05d}.json"
 
 
-def shard_id_from_path(path: str) -> int:
-    """The shard number in a stats or failure record's file name."""
-    return int(path.rsplit("/", 1)[-1].removeprefix("shard-").removesuffix(".json"))
+_RECORD_NAME = re.compile(r"shard-(\d+)\.json")
+
+
+def shard_id_from_path(path: str) -> int | None:
+    """The shard number in a stats or failure record's file name; None for anything else
+    (such as the temp file of a write that a killed process left behind)."""
+    match = _RECORD_NAME.fullmatch(path.rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
 
 
 def add_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
@@ -119,3 +125,4 @@ class Manifest(_Record):
     listing_sha256: str
     written_at: str
     loupe_format: int = FORMAT_VERSION
+    index: dict[str, Any] = field(default_factory=dict)  # kind -> {"path", "sha256", "vectors"}, added by `loupe index`
