@@ -86,7 +86,9 @@ def build_random_model(dest: str | Path, family: str, size: str = "tiny", seed: 
     if family == CLIP_FAMILY:
         return build_random_clip(dest, size, seed)
     if family not in FAMILIES:
-        raise UserError(f"unknown model family {family!r}; choose one of: {', '.join((*FAMILIES, CLIP_FAMILY))}")
+        raise UserError(
+            f"unknown model family {family!r}; choose one of: {', '.join((*FAMILIES, CLIP_FAMILY))}"
+        )
     if size not in _SHAPES:
         raise UserError(f"unknown model size {size!r}; choose one of: {', '.join(SIZES)}")
     import torch
@@ -555,5 +557,10 @@ def _train_clip_tokenizer(max_length: int):
     )
     # As in openai's CLIP tokenizer, padding is EOS; the text tower pools at the first one.
     return TokenizersBackend(
-        tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=eos, unk_token=eos, model_max_length=max_length
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=eos,
+        unk_token=eos,
+        model_max_length=max_length,
     )
