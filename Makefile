@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q $(TORCH_PAIR)
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e ".[offline]"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from dataclasses import asdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
@@ -52,10 +53,13 @@ def run(
     ray_address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Join this Ray cluster instead of starting a local one.")] = None,
     endpoint_url: Annotated[Optional[str], typer.Option(envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint (MinIO, R2, ...).")] = None,
     image_column: Annotated[Optional[str], typer.Option(help="Image-bytes column of Parquet inputs.")] = None,
-    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated: caption, moderate (default: both).")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated: caption, moderate, embed (default: all).")] = None,
     taxonomy: Annotated[Optional[Path], typer.Option(help="Moderation categories as TOML (see `loupe moderation taxonomy`).")] = None,
     moderation_model: Annotated[Optional[str], typer.Option(help="A separate judge checkpoint (e.g. LlavaGuard); default: --model.")] = None,
     moderation_gpus: Annotated[Optional[float], typer.Option(help="GPUs of each separate moderation replica.")] = None,
+    image_embedding_model: Annotated[Optional[str], typer.Option(help="CLIP checkpoint for image vectors and text-to-image search.")] = None,
+    text_embedding_model: Annotated[Optional[str], typer.Option(help="Sentence model for caption vectors.")] = None,
+    text_column: Annotated[Optional[str], typer.Option(help="Embed this source text (Parquet column or WebDataset sidecar, e.g. txt) instead of the caption.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML job file; flags override its values.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different job already in OUTPUT.")] = False,
 ) -> None:
@@ -82,6 +86,9 @@ def run(
             taxonomy=taxonomy,
             moderation_model=moderation_model,
             moderation_gpus=moderation_gpus,
+            image_embedding_model=image_embedding_model,
+            text_embedding_model=text_embedding_model,
+            text_column=text_column,
             overwrite=overwrite or None,
         )
         with _ProgressBar() as bar:
@@ -205,6 +212,8 @@ def _print_summary(result) -> None:
         table.add_row("nodes", str(len(result.nodes)))
     for failure in result.failures:
         table.add_row("[red]failed shard", f"{failure.shard_id}: {failure.error}")
+    for kind, record in result.indexes.items():
+        table.add_row(f"{kind} index", f"{record.vectors} vectors, {record.factory}, recall@10 {record.recall_at_10:.3f}")
     table.add_row("complete", "yes: _manifest.json lists every part" if result.complete else "no: rerun the same command to retry")
     Console().print(table)
 
@@ -213,6 +222,67 @@ def _add_flagged(table: Table, rows_flagged: int, flagged: dict[str, int]) -> No
     table.add_row("flagged", f"{rows_flagged} rows")
     for key, count in sorted(flagged.items(), key=lambda kv: -kv[1]):
         table.add_row("", f"{count} {key}")
+
+
+@app.command()
+def index(
+    output: Annotated[str, typer.Argument(help="The OUTPUT of a loupe run with the embed task.")],
+    kind: Annotated[str, typer.Option(help="image (CLIP vectors) or caption (sentence vectors).")] = "image",
+    memory_budget: Annotated[str, typer.Option(help="Memory the index may take, e.g. 4GB or 512MiB.")] = "4GB",
+    target_recall: Annotated[float, typer.Option(help="recall@10 against exact search to tune for.")] = 0.95,
+    endpoint_url: Annotated[Optional[str], typer.Option(envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint.")] = None,
+) -> None:
+    """Build (or rebuild and re-tune) the FAISS index of OUTPUT's embeddings."""
+    from loupe.jobs.index import build_output_index, parse_size
+
+    with _user_errors():
+        if not 0 < target_recall <= 1:
+            raise UserError("invalid option 'target_recall': must be in (0, 1]")
+        record = build_output_index(
+            output, kind=kind, memory_budget=parse_size(memory_budget), target_recall=target_recall,
+            endpoint_url=endpoint_url,
+        )
+    typer.echo(
+        f"{kind} index: {record.vectors} vectors, {record.factory}, recall@10 {record.recall_at_10:.3f} "
+        f"(target {target_recall}), built in {record.build_seconds:.1f} s"
+    )
+
+
+@app.command()
+def search(
+    output: Annotated[str, typer.Argument(help="The OUTPUT of a loupe run with an index.")],
+    query: Annotated[Optional[str], typer.Argument(help="Text to search for.")] = None,
+    image: Annotated[Optional[str], typer.Option(help="Search by an image instead: a local path or s3:// URI.")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="How many results.")] = 10,
+    kind: Annotated[str, typer.Option(help="image (CLIP) or caption (sentence vectors) index.")] = "image",
+    exclude_flagged: Annotated[bool, typer.Option("--exclude-flagged", help="Leave out images flagged by moderation.")] = False,
+    flagged: Annotated[Optional[str], typer.Option(help="Only images flagged for this category.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of results.")] = False,
+    endpoint_url: Annotated[Optional[str], typer.Option(envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint.")] = None,
+) -> None:
+    """Search the catalog by text or by image; filter on the stored moderation labels."""
+    from transformers.utils import logging as hf_logging
+
+    from loupe.jobs.search import search as run_search
+
+    hf_logging.disable_progress_bar()
+    with _user_errors():
+        hits = run_search(
+            output, text=query, image=image, k=k, kind=kind, exclude_flagged=exclude_flagged,
+            flagged=flagged, endpoint_url=endpoint_url,
+        )
+    if as_json:
+        typer.echo(json.dumps([asdict(hit) for hit in hits], indent=2))
+        return
+    table = Table(box=None)
+    for column in ("rank", "score", "image_id", "source", "caption", "flagged"):
+        table.add_column(column, overflow="fold")
+    for hit in hits:
+        table.add_row(
+            str(hit.rank), f"{hit.score:.3f}", hit.image_id, hit.source_uri, (hit.caption or "")[:80],
+            ", ".join(hit.flagged_categories),
+        )
+    Console().print(table)
 
 
 moderation_app = typer.Typer(help="Moderation taxonomy and evaluation against human labels.", no_args_is_help=True)

@@ -52,6 +52,9 @@ def run_demo(
     if not (model_dir / "config.json").exists():
         console.print(f"building a tiny random-weight LLaVA checkpoint in {model_dir}")
         build_random_model(model_dir, "llava", "tiny")
+    clip_dir = workdir / "clip"
+    if not (clip_dir / "config.json").exists():
+        build_random_model(clip_dir, "clip", "tiny")
     images = workdir / "images"
     if not images.exists():
         make_sample_images(images)
@@ -64,9 +67,10 @@ def run_demo(
         batch_size=8,
         shard_size=10,
         replicas=2,
+        image_embedding_model=str(clip_dir),  # random CLIP; captions embed with the real MiniLM
         overwrite=True,  # each demo run starts fresh
     )
-    console.print(f"captioning and moderating {images} with 2 replicas on a local Ray cluster")
+    console.print(f"captioning, moderating and embedding {images} with 2 replicas on a local Ray cluster")
     with observer_factory() as observer:
         result = run_job(config, observer)
     print_summary(result)
@@ -76,6 +80,16 @@ def run_demo(
         name = row["source_uri"].rsplit("/", 1)[-1]
         flags = ", ".join(row["flagged_categories"] or []) or "none"
         console.print(f"  {name}: {row['caption'][:60]!r}  flagged: {flags}")
+    from transformers.utils import logging as hf_logging
+
+    from loupe.jobs.search import search
+
+    hf_logging.disable_progress_bar()
+
+    query = "a red ellipse on a blue background"
+    console.print(f"\nloupe search {output} {query!r} -k 3 --kind caption")
+    for hit in search(str(output), text=query, k=3, kind="caption"):
+        console.print(f"  {hit.rank}. {hit.score:.3f} {hit.source_uri.rsplit('/', 1)[-1]}")
     console.print(
         "\n[bold yellow]The model has random weights, so these captions and scores are noise.[/] "
         "For real captions: loupe run INPUT OUTPUT --model llava-hf/llava-1.5-7b-hf "

@@ -14,8 +14,10 @@ from loupe.schemas.taxonomy import DEFAULT_TAXONOMY, Taxonomy, load_taxonomy
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 DEFAULT_PROMPT = "Describe this image in one or two sentences."
-TASKS = ("caption", "moderate")
-DEFAULT_TASKS = ("caption", "moderate")
+DEFAULT_IMAGE_EMBEDDING_MODEL = "openai/clip-vit-base-patch32"
+DEFAULT_TEXT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+TASKS = ("caption", "moderate", "embed")
+DEFAULT_TASKS = TASKS
 
 # The settings that decide what the output rows contain. A rerun whose plan settings equal
 # the frozen ones resumes; any difference is a different job. Batch size, replica count and
@@ -58,6 +60,14 @@ class JobConfig(BaseModel):
     moderation_gpus: float | None = Field(
         None, gt=0, le=16, description="GPUs of a separate moderation replica (default: same as captioning)"
     )
+    image_embedding_model: str = Field(DEFAULT_IMAGE_EMBEDDING_MODEL, min_length=1, description="a CLIP checkpoint")
+    text_embedding_model: str = Field(DEFAULT_TEXT_EMBEDDING_MODEL, min_length=1, description="a sentence model")
+    text_column: str | None = Field(
+        None, min_length=1, description="embed this source text (a WebDataset sidecar or Parquet column) for the caption index"
+    )
+    build_index: bool = True
+    index_memory_budget: int = Field(4 << 30, gt=0, description="bytes the index may take in memory")
+    index_target_recall: float = Field(0.95, gt=0, le=1)
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -99,6 +109,10 @@ class JobConfig(BaseModel):
         return "caption" in self.tasks
 
     @property
+    def embeds(self) -> bool:
+        return "embed" in self.tasks
+
+    @property
     def judge(self) -> str:
         """The checkpoint that scores moderation categories."""
         return self.moderation_model or self.model
@@ -111,6 +125,10 @@ class JobConfig(BaseModel):
             settings["moderation_model"] = self.judge
             settings["taxonomy_sha256"] = self.taxonomy.content_hash()
             settings["taxonomy"] = [asdict(c) for c in self.taxonomy.categories]
+        if self.embeds:
+            settings["image_embedding_model"] = self.image_embedding_model
+            settings["text_embedding_model"] = self.text_embedding_model
+            settings["text_column"] = self.text_column
         return settings
 
 

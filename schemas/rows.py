@@ -40,11 +40,19 @@ def moderation_type(taxonomy: Taxonomy) -> pa.StructType:
     return pa.struct([pa.field(key, pa.float32()) for key in taxonomy.keys])
 
 
+def embedding_type(dim: int | None) -> pa.DataType:
+    """L2-normalized float32 vectors; fixed-size once the model's dimension is known."""
+    return pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32())
+
+
 @lru_cache(maxsize=8)
-def output_schema(taxonomy: Taxonomy = DEFAULT_TAXONOMY) -> pa.Schema:
+def output_schema(
+    taxonomy: Taxonomy = DEFAULT_TAXONOMY, image_dim: int | None = None, text_dim: int | None = None
+) -> pa.Schema:
     """The row schema of a job; the moderation struct's fields are the taxonomy's keys.
 
-    Moderation columns are null on error rows and when the job does not moderate.
+    Moderation and embedding columns are null on error rows and when the job does not run
+    that task (an embedding column of a job without the embed task has no fixed size).
     """
     return pa.schema(
         [
@@ -54,8 +62,10 @@ def output_schema(taxonomy: Taxonomy = DEFAULT_TAXONOMY) -> pa.Schema:
             pa.field("flagged_categories", pa.list_(pa.string())),
             pa.field("moderation_model", pa.string()),
             pa.field("taxonomy_sha256", pa.string()),
+            pa.field("image_embedding", embedding_type(image_dim)),
+            pa.field("caption_embedding", embedding_type(text_dim)),
         ],
-        metadata={"loupe.schema_version": "2"},
+        metadata={"loupe.schema_version": "3"},
     )
 
 

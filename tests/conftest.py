@@ -93,3 +93,11 @@ def sample_images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("samples")
     make_sample_images(folder, count=12)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny random-weight CLIP checkpoint for image embeddings, built offline once."""
+    from loupe.workers.random_model import build_random_model
+
+    return str(build_random_model(tmp_path_factory.mktemp("tiny-clip"), "clip", "tiny"))

@@ -55,7 +55,8 @@ def test_missing_bucket_and_unreachable_endpoint(s3_endpoint, tiny_llava, tmp_pa
 @pytest.mark.usefixtures("ray_cluster")
 def test_run_then_status_json_and_refusal(sample_images, tiny_llava, tmp_path):
     out = tmp_path / "out"
-    common = ["run", sample_images, out, "--model", tiny_llava, "--max-new-tokens", "3", "--shard-size", "7"]
+    common = ["run", sample_images, out, "--model", tiny_llava, "--max-new-tokens", "3", "--shard-size", "7",
+              "--tasks", "caption,moderate"]
     result = _invoke(*common)
     assert result.exit_code == 0, result.output
     assert "12 ok, 2 error" in result.stdout

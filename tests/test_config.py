@@ -52,7 +52,7 @@ def test_plan_settings_exclude_speed_knobs():
 
 def test_tasks_are_validated_and_canonical():
     assert load_config(input="a", output="b", tasks="moderate, caption").tasks == ("caption", "moderate")
-    assert load_config(input="a", output="b").tasks == ("caption", "moderate")
+    assert load_config(input="a", output="b").tasks == ("caption", "moderate", "embed")
     with pytest.raises(UserError, match="invalid option 'tasks': .*unknown task 'translate'"):
         load_config(input="a", output="b", tasks="caption,translate")
 

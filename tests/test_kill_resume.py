@@ -22,7 +22,8 @@ def _rows(output):
 
 def test_sigkill_then_rerun_equals_clean_run(ray_cluster, sample_images, tiny_llava, tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    args = ["--model", tiny_llava, "--shard-size", "1", "--max-new-tokens", "8", "--replicas", "1"]
+    args = ["--model", tiny_llava, "--shard-size", "1", "--max-new-tokens", "8", "--replicas", "1",
+            "--tasks", "caption,moderate"]
     command = [sys.executable, "-m", "loupe.jobs.cli", "run", str(sample_images), str(killed), *args,
                "--ray-address", ray_cluster.address]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -42,7 +43,10 @@ def test_sigkill_then_rerun_equals_clean_run(ray_cluster, sample_images, tiny_ll
     assert rerun.returncode == 0, rerun.stderr
     assert "already done" in rerun.stderr
 
-    config = JobConfig(input=str(sample_images), output=str(clean), model=tiny_llava, shard_size=1, max_new_tokens=8)
+    config = JobConfig(
+        input=str(sample_images), output=str(clean), model=tiny_llava, shard_size=1, max_new_tokens=8,
+        tasks="caption,moderate",
+    )
     run_job(config)
     assert _rows(killed) == _rows(clean)
     assert len(list((killed / "parts").iterdir())) == 14

@@ -87,7 +87,8 @@ def test_a_model_failing_on_everything_fails_the_shard(sample_images, tmp_path):
 
 def test_real_tiny_model_captions(sample_images, tmp_path, tiny_llava):
     config = JobConfig(
-        input=str(sample_images), output=str(tmp_path), model=tiny_llava, max_new_tokens=6, batch_size=4
+        input=str(sample_images), output=str(tmp_path), model=tiny_llava, max_new_tokens=6, batch_size=4,
+        tasks="caption,moderate",
     )
     processor = ShardProcessor(config, device="cpu")
     names = ["scene-000.png", "scene-001.jpg", "scene-002.jpg", "broken-empty.jpg", "scene-003.jpg"]
@@ -168,3 +169,71 @@ def test_moderate_only_leaves_captions_null(sample_images, tmp_path):
     rows = pq.read_table(tmp_path / part_path(3)).to_pylist()
     assert [r["caption"] for r in rows] == [None, None]
     assert all(r["moderation"] is not None for r in rows)
+
+
+class StubImageEmbedder:
+    """Embeds an image as its normalized (width, height, 1, 0)."""
+
+    dim = 4
+
+    def prepare(self, images):
+        return [im.size for im in images]
+
+    def embed(self, sizes):
+        import numpy as np
+
+        vectors = np.array([[w, h, 1.0, 0.0] for w, h in sizes], dtype=np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+class StubTextEmbedder:
+    dim = 2
+
+    def __init__(self):
+        self.seen = []
+
+    def embed_texts(self, texts):
+        import numpy as np
+
+        self.seen += texts
+        return np.array([[len(t), 1.0] for t in texts], dtype=np.float32)
+
+
+@pytest.mark.parametrize("text_column", [None, "txt"])
+def test_embedding_columns(sample_images, tmp_path, text_column):
+    import numpy as np
+
+    from loupe.schemas.plan import ShardKind
+
+    tar = tmp_path / "shard.tar"
+    import io
+    import tarfile
+
+    with tarfile.open(tar, "w") as archive:
+        for i, name in enumerate(["scene-000.png", "scene-001.jpg", "broken-empty.jpg"]):
+            archive.add(sample_images / name, arcname=f"{i}.{name.rsplit('.', 1)[1]}")
+            if i != 1:
+                data = f"alt text {i}".encode()
+                info = tarfile.TarInfo(f"{i}.txt")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    texts = StubTextEmbedder()
+    config = _config(tmp_path, tmp_path / "out", tasks="caption,embed", text_column=text_column)
+    processor = ShardProcessor(
+        config, captioner=SizeCaptioner(), image_embedder=StubImageEmbedder(), text_embedder=texts
+    )
+    processor.process(Shard(0, ShardKind.TAR, (str(tar),)))
+    table = pq.read_table(tmp_path / "out" / part_path(0))
+    import pyarrow as pa
+
+    assert table.schema.field("image_embedding").type == pa.list_(pa.float32(), 4)
+    assert table.schema.field("caption_embedding").type == pa.list_(pa.float32(), 2)
+    rows = table.to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok", "error"]
+    assert rows[2]["image_embedding"] is None and rows[2]["caption_embedding"] is None
+    assert np.allclose(np.linalg.norm(rows[0]["image_embedding"]), 1.0)
+    if text_column:  # the sidecar text, and nothing for the image without one
+        assert texts.seen == ["alt text 0"] and rows[1]["caption_embedding"] is None
+    else:
+        assert texts.seen == [rows[0]["caption"], rows[1]["caption"]]
+        assert rows[1]["caption_embedding"] == [len(rows[1]["caption"]), 1.0]

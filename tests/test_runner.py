@@ -22,7 +22,10 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 def _config(input, output, model, **kw):
-    settings = dict(input=str(input), output=str(output), model=model, max_new_tokens=4, batch_size=4, shard_size=4)
+    settings = dict(
+        input=str(input), output=str(output), model=model, max_new_tokens=4, batch_size=4, shard_size=4,
+        tasks="caption,moderate",
+    )
     return JobConfig(**(settings | kw))
 
 

@@ -53,6 +53,7 @@ class _Batch:
     items: list[_Item]
     caption_inputs: Any = None
     moderation_inputs: Any = None
+    embedding_inputs: Any = None
     error: Exception | None = None  # preparing the batch raised this
 
 
@@ -63,6 +64,8 @@ class _Result:
     item: _Item
     caption: str | None
     scores: dict[str, float] | None
+    image_embedding: Any = None  # np.ndarray (dim,) float32, L2-normalized
+    caption_embedding: Any = None
 
 
 class _Timings:
@@ -95,6 +98,8 @@ class ShardProcessor:
         device: str | None = None,
         captioner: Any = None,
         moderator: Any = None,
+        image_embedder: Any = None,
+        text_embedder: Any = None,
         decode_threads: int | None = None,
     ) -> None:
         """Load the models the job's tasks need; tests and remote judges pass their own."""
@@ -111,9 +116,21 @@ class ShardProcessor:
             from loupe.workers.moderator import Moderator
 
             moderator = Moderator(config.judge, config.taxonomy, device=device, share=captioner)
+        if config.embeds:
+            from loupe.workers.embedder import ImageEmbedder, TextEmbedder, resolve_text_model
+
+            image_embedder = image_embedder or ImageEmbedder(config.image_embedding_model, device=device)
+            if text_embedder is None and (config.captions or config.text_column):
+                text_embedder = TextEmbedder(resolve_text_model(config.text_embedding_model), device=device)
         self.captioner = captioner if config.captions else None
         self.moderator = moderator if config.moderates else None
-        self.schema = output_schema(config.taxonomy)
+        self.image_embedder = image_embedder if config.embeds else None
+        self.text_embedder = text_embedder if config.embeds else None
+        self.schema = output_schema(
+            config.taxonomy,
+            self.image_embedder.dim if self.image_embedder else None,
+            self.text_embedder.dim if self.text_embedder else None,
+        )
         self._taxonomy_sha256 = config.taxonomy.content_hash()
         self._model_lock = threading.Lock()
         self._decode_pool = ThreadPoolExecutor(
@@ -237,6 +254,8 @@ class ShardProcessor:
                 batch.caption_inputs = self.captioner.prepare(images)
             if self.moderator is not None:
                 batch.moderation_inputs = self.moderator.prepare(images)
+            if self.image_embedder is not None:
+                batch.embedding_inputs = self.image_embedder.prepare(images)
         except Exception as exc:
             batch.error = exc  # the consumer retries image by image to find the culprit
         timings.add("preprocess", time.perf_counter() - t0)
@@ -245,18 +264,37 @@ class ShardProcessor:
     # -- consumer: the models --------------------------------------------------------------
 
     def _run_models(self, batch: _Batch, timings: _Timings) -> list[_Result]:
-        captions: list[str | None] = [None] * len(batch.items)
-        scores: list[dict[str, float] | None] = [None] * len(batch.items)
+        results = [_Result(item, None, None) for item in batch.items]
         with self._model_lock:
             if self.captioner is not None:
                 t0 = time.perf_counter()
-                captions = self.captioner.generate(batch.caption_inputs)
+                for result, caption in zip(results, self.captioner.generate(batch.caption_inputs), strict=True):
+                    result.caption = caption
                 timings.add("generate", time.perf_counter() - t0)
             if self.moderator is not None:
                 t0 = time.perf_counter()
-                scores = self.moderator.score(batch.moderation_inputs)
+                for result, scores in zip(results, self.moderator.score(batch.moderation_inputs), strict=True):
+                    result.scores = scores
                 timings.add("moderate", time.perf_counter() - t0)
-        return [_Result(item, c, m) for item, c, m in zip(batch.items, captions, scores, strict=True)]
+            if self.image_embedder is not None:
+                t0 = time.perf_counter()
+                for result, vector in zip(results, self.image_embedder.embed(batch.embedding_inputs), strict=True):
+                    result.image_embedding = vector
+                self._embed_texts(results)
+                timings.add("embed", time.perf_counter() - t0)
+        return results
+
+    def _embed_texts(self, results: list[_Result]) -> None:
+        """Caption embeddings: of the source's own text if --text-column names one, else of the caption."""
+        if self.text_embedder is None:
+            return
+        column = self.config.text_column
+        texts = [r.item.sample.metadata.get(column) if column else r.caption for r in results]
+        present = [(r, t) for r, t in zip(results, texts) if t and t.strip()]
+        if present:
+            vectors = self.text_embedder.embed_texts([t for _, t in present])
+            for (result, _), vector in zip(present, vectors, strict=True):
+                result.caption_embedding = vector
 
     def _infer(self, batch: _Batch, errors: list[_Item], timings: _Timings) -> list[_Result]:
         if batch.error is None:
@@ -310,6 +348,8 @@ class ShardProcessor:
             "width": item.image.width,
             "height": item.image.height,
             "caption": result.caption,
+            "image_embedding": result.image_embedding,
+            "caption_embedding": result.caption_embedding,
         }
         if result.scores is not None:
             over = [c.key for c in self.config.taxonomy.categories if result.scores[c.key] >= c.threshold]
