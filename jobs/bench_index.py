@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import faiss
 import numpy as np
+
 from loupe.jobs.index import build_index, choose_index, format_size, recall_at_k
 
 CLUSTERS = 1000

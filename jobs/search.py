@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+
 from loupe.jobs.index import (
     KINDS,
     MODEL_SETTINGS,

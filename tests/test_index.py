@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from loupe.jobs import index as index_module
 from loupe.jobs.index import (
     TRAIN_SHARE,

@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
+
 from loupe.jobs.index import build_output_index, load_index
 from loupe.jobs.search import Hit, search
 from loupe.schemas.errors import UserError
@@ -18,7 +20,6 @@ from loupe.schemas.taxonomy import DEFAULT_TAXONOMY
 from loupe.workers.embedder import DEFAULT_TEXT_MODEL
 from loupe.workers.random_model import build_random_model
 from loupe.workers.storage import join_uri, open_storage
-from PIL import Image
 
 GB = 10**9
 

