@@ -120,6 +120,7 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobResult
             sink.write_bytes(join_uri(config.output, PLAN_FILE), plan_file.read_bytes())
             sink.write_bytes(join_uri(config.output, JOB_FILE), job.to_json())
 
+    _sweep_leftovers(sink, config.output)
     done = {shard_id_from_path(obj.uri) for obj in _list(sink, join_uri(config.output, STATS_DIR))} - {None}
     todo = (shard for shard in _read_plan(sink, config.output) if shard.shard_id not in done)
     new_stats: list[ShardStats] = []
@@ -236,6 +237,19 @@ def _check_parquet_column(config: JobConfig, source: Storage, plan_file: Path) -
 def _read_plan(sink: Storage, output: str) -> Iterator[Shard]:
     with sink.open_seekable(join_uri(output, PLAN_FILE)) as handle:
         yield from read_plan(handle)
+
+
+def _sweep_leftovers(sink: Storage, output: str) -> None:
+    """Delete the temp files of local writes that a killed run left half-done (".name.<hex>.tmp").
+
+    They were never renamed into place, so nothing trusts them; S3 has no such files (a PUT or
+    a multipart upload is invisible until complete).
+    """
+    for folder in (PARTS_DIR, STATS_DIR, FAILED_DIR):
+        for obj in _list(sink, join_uri(output, folder)):
+            name = obj.uri.rsplit("/", 1)[-1]
+            if name.startswith(".") and name.endswith(".tmp"):
+                sink.delete(obj.uri)
 
 
 def _list(storage: Storage, prefix: str) -> list:
