@@ -86,7 +86,9 @@ def run(
     flat_size = flat.ntotal * flat.code_size + len(faiss.serialize_index(faiss.IndexFlatIP(dim)))
     del flat
 
-    index, record = build_index(data, memory_budget_bytes=budget, target_recall=0.95, k=k, seed=seed)
+    index, record = build_index(
+        data, memory_budget_bytes=budget, target_recall=0.95, k=k, seed=seed, vectors_hint=n
+    )
     _, found = index.search(xq, k)
     index_ms = _latencies_ms(index, xq, k)
     index_size = len(faiss.serialize_index(index))

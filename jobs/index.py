@@ -50,7 +50,11 @@ PQ_CODE_BYTES = (256, 192, 128, 96, 64, 48, 32, 24, 16, 8)  # best first
 PQ_TRAIN_POINTS = 256 * MIN_POINTS_PER_CENTROID
 OPQ_MIN_SUBVECTOR = 8
 ID_BYTES = 8  # faiss stores an int64 id beside every code in an inverted list
-TRAIN_SHARE = 0.5  # of the memory budget, for the training sample while the index is still empty
+# Of the memory budget, for the training sample: the index is still empty while it trains, and
+# every list needs 39 points. More lists mean shorter lists to scan (1M x 768 with SQ6: 3.5 ms a
+# query with 4096 lists, 9.4 ms with 2048) and smaller residuals to encode (recall@10 0.954 ->
+# 0.969 from 512 to 2048 lists on 300k vectors; no gain from 2048 to 4096 at 1M).
+TRAIN_SHARE = 0.75
 TUNING_QUERIES = 1000
 PLATEAU = 0.001  # tuning stops once recall@10 gains less than this...
 PLATEAU_STEPS = 4  # ...over this many steps (4x the search width)
@@ -313,12 +317,9 @@ def build_index(
         raise UserError("there are no vectors to index")
     dim = sampler.dim
     choice = choice or choose_index(n, dim, memory_budget_bytes)
-    sample, sample_rows = sampler.result()
-    n_queries = min(tuning_queries, max(1, n // 10), len(sample))
-    # Copies, so that the sample's memory goes once the index is trained.
-    queries, query_rows = sample[:n_queries].copy(), sample_rows[:n_queries].copy()
-    train = sample[n_queries : n_queries + choice.train_vectors] if choice.train_vectors else None
-    del sampler, sample
+    n_queries = min(tuning_queries, max(1, n // 10), sampler.filled)
+    queries, query_rows, train = sampler.split(n_queries, choice.train_vectors)
+    del sampler
 
     index = faiss.index_factory(dim, choice.factory, faiss.METRIC_INNER_PRODUCT)
     if train is not None:
@@ -439,11 +440,33 @@ class _Reservoir:
         self.vectors[slots] = batch[chosen]
         self.rows[slots] = first_row + chosen
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """The sample in random order (by key), so any prefix is itself a uniform sample."""
-        order = np.argsort(self.keys, kind="stable")
-        order = order[np.isfinite(self.keys[order])]
-        return self.vectors[order], self.rows[order]
+    @property
+    def filled(self) -> int:
+        return int(np.isfinite(self.keys).sum())
+
+    def split(self, n_queries: int, n_train: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Disjoint uniform samples: (queries, their row numbers, training vectors or None).
+
+        The keys are random, so the rows with the smallest keys are the queries and the next
+        n_train train. When training takes all the rest, the queries are swapped to the end
+        and the training set is a view: no second copy of a sample as large as the budget allows.
+        """
+        slots = np.flatnonzero(np.isfinite(self.keys))
+        order = slots[np.argsort(self.keys[slots], kind="stable")]
+        query_slots, train_slots = order[:n_queries], order[n_queries : n_queries + n_train]
+        queries, rows = self.vectors[query_slots].copy(), self.rows[query_slots].copy()
+        if not n_train:
+            return queries, rows, None
+        if len(order) < self.size or len(train_slots) < len(order) - n_queries:
+            # A partly filled reservoir, or training on only some of its rows: copy those rows.
+            return queries, rows, self.vectors[train_slots]
+        tail = self.size - n_queries
+        is_query = np.zeros(self.size, dtype=bool)
+        is_query[query_slots] = True
+        misplaced = np.flatnonzero(is_query[:tail])  # queries inside the training block...
+        free = tail + np.flatnonzero(~is_query[tail:])  # ...and training rows to swap them with
+        self.vectors[misplaced], self.vectors[free] = self.vectors[free], self.vectors[misplaced].copy()
+        return queries, rows, self.vectors[:tail]
 
 
 def _gpu_count() -> int:

@@ -63,14 +63,17 @@ def test_ivf_flat_below_a_million_when_hnsw_does_not_fit():
     assert choice.factory == "IVF2048_HNSW32,Flat"  # 4·sqrt(500k) = 2828 -> 2^11 (nearest power of two)
     assert choice.estimated_bytes == 500_000 * (4 * 768 + 8) + 2048 * (4 * 768 + 8 * 32)
     assert choice.train_vectors == 100 * 2048
-    assert choice.train_vectors * 4 * 768 <= 0.5 * 1_555_000_000
+    assert choice.train_vectors * 4 * 768 <= TRAIN_SHARE * 1_555_000_000
 
 
 def test_large_sets_get_compressed_codes_within_the_budget():
     # The benchmark's case: a quarter of flat's memory for 1M x 768.
     choice = choose_index(1_000_000, 768, 768_000_000)
     assert choice.kind == "ivf_sq" and choice.factory.endswith(",SQ6")
-    assert choice.factory.startswith("IVF2048_HNSW32")  # the training sample caps nlist below 4096
+    assert choice.factory.startswith("IVF4096_HNSW32")  # 4·sqrt(1M) = 4000
+    assert choice.train_vectors == int(0.75 * 768_000_000) // (4 * 768)  # 46 points a list
+    # Half that budget cannot hold 39 training points for each of 4096 lists.
+    assert choose_index(1_000_000, 768, 384_000_000).factory.startswith("IVF2048_HNSW32")
     # A hundred million vectors in 4 GB: PQ behind an OPQ rotation, an HNSW coarse quantizer.
     big = choose_index(100_000_000, 768, 4 * GB)
     assert big.kind == "ivf_pq" and big.factory.startswith("OPQ") and "_HNSW32," in big.factory
@@ -529,3 +532,36 @@ def test_extending_past_what_the_index_suits_rebuilds_it(tmp_path, data):
     write_manifest(storage.write_bytes, uri, first + more)
     after = build_output_index(uri, memory_budget=GB, incremental=True)
     assert after.kind == "hnsw" and after.vectors == len(data) and after.tuned_vectors == len(data)
+
+
+@pytest.mark.parametrize("stream", [1000, 30])
+def test_the_sample_splits_into_disjoint_queries_and_training_rows(stream):
+    reservoir = index_module._Reservoir(50, 2, np.random.default_rng(0))
+    rows = np.arange(stream, dtype=np.float32)
+    for start in range(0, stream, 64):
+        batch = rows[start : start + 64]
+        reservoir.offer(np.stack([batch, -batch], axis=1), start)
+    held = min(stream, 50)
+    queries, query_rows, train = reservoir.split(10, held - 10)
+    assert list(queries[:, 0]) == list(query_rows) and len(train) == held - 10
+    # A full reservoir's training rows are a view: no second copy of a sample that may be most
+    # of the memory budget.
+    assert np.shares_memory(train, reservoir.vectors) == (stream > 50)
+    together = sorted([*query_rows, *train[:, 0].astype(int)])
+    assert together == sorted(set(together)) and len(together) == held
+    assert (train[:, 1] == -train[:, 0]).all()  # rows moved whole
+    if stream > 50:
+        assert max(together) > 500  # late rows are as likely as early ones
+
+
+def test_the_sample_is_uniform():
+    counts = np.zeros(200)
+    for seed in range(300):
+        reservoir = index_module._Reservoir(20, 1, np.random.default_rng(seed))
+        for start in range(0, 200, 32):
+            reservoir.offer(np.arange(start, min(start + 32, 200), dtype=np.float32)[:, None], start)
+        _, rows, train = reservoir.split(5, 15)
+        counts[rows] += 1
+        counts[train[:, 0].astype(int)] += 1
+    # Each row is kept with probability 20/200: 30 times in 300 draws, give or take ~5.
+    assert counts.min() > 10 and counts.max() < 55 and abs(counts[:100].sum() - counts[100:].sum()) < 300
