@@ -19,6 +19,12 @@ _MODES = ("replace", "extend")
 _TOP_FIELDS = {"mode", "category"}
 _CATEGORY_FIELDS = {"key", "definition", "threshold"}
 
+# The question put to the model for every category, and the two answers it is scored on. They
+# decide the scores as much as the definitions do, so they are part of the content hash. The
+# shared instruction comes first so that it is encoded once per image, before the categories.
+QUESTION = "Answer Yes or No. Does this image show {definition}?"
+ANSWERS = ("Yes", "No")
+
 
 @dataclass(frozen=True)
 class Category:
@@ -54,9 +60,9 @@ class Taxonomy:
         return tuple(c.key for c in self.categories)
 
     def content_hash(self) -> str:
-        """sha256 of keys, definitions and thresholds in order: equal hashes mean equal scores."""
+        """sha256 of the question, answers, keys, definitions and thresholds: equal hashes, equal scores."""
         canonical = json.dumps(
-            [[c.key, c.definition, float(c.threshold)] for c in self.categories],
+            [QUESTION, list(ANSWERS), [[c.key, c.definition, float(c.threshold)] for c in self.categories]],
             ensure_ascii=False,
             separators=(",", ":"),
         )

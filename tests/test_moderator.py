@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from loupe.schemas.errors import UserError
-from loupe.schemas.taxonomy import DEFAULT_TAXONOMY, Category, Taxonomy
+from loupe.schemas.taxonomy import DEFAULT_TAXONOMY, QUESTION, Category, Taxonomy
 from loupe.workers.captioner import Captioner
-from loupe.workers.moderator import QUESTION, Moderator
+from loupe.workers.moderator import Moderator
 from loupe.workers.random_model import FAMILIES, build_random_model
 
 # (width, height): in llava-next and llava-onevision every aspect ratio gets its own anyres
@@ -126,7 +126,7 @@ def test_prompt_is_the_chat_template_split_at_a_token_boundary(moderator, images
             conversation, add_generation_prompt=True, tokenize=True, return_dict=True
         )["input_ids"]
         whole = whole[0] if isinstance(whole[0], list) else whole
-        assert prefix + suffix == list(whole)
+        assert prefix + model.shared_ids + suffix == list(whole)
     # Only the category text, the end of the turn and the assistant's start are per category.
     assert max(len(s) for s in model.suffix_ids) <= 12
 
@@ -167,6 +167,34 @@ def test_prepare_in_a_thread_while_scoring(moderator, images):
         scores = model.score(first)
         scores += model.score(second.result())
     np.testing.assert_array_equal(_matrix(scores), expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scores_read_from_the_captions_cache_equal_independent_prompts(checkpoints, moderator, images, family):
+    # Caption then moderation as the pipeline runs them: the image is encoded once, by the
+    # caption's prefill, and the categories read its keys and values from the generation cache.
+    captioner = Captioner(str(checkpoints[family]), device="cpu", dtype="float32", max_new_tokens=3)
+    shared = Moderator(str(checkpoints[family]), DEFAULT_TAXONOMY, share=captioner)
+    assert shared.reads_prefix_of(captioner) and not shared.reads_prefix_of(None)
+    # The prefix ends before the caption prompt's text, so the instruction is a shared segment.
+    assert len(shared.shared_ids) >= 5
+    prepared = captioner.prepare(images)
+    if family in PADDED_FAMILIES:
+        assert len(set((prepared["attention_mask"] == 0).sum(dim=1).tolist())) >= 3
+    with _VisionPasses(captioner.model) as passes:
+        captions, encoded = captioner.generate_encoded(prepared)
+        scores = shared.score_encoded(encoded)
+    assert passes.calls == 1
+    assert captions == captioner.generate(prepared)
+    reference = moderator(family).score_independent(images)
+    np.testing.assert_allclose(_matrix(scores), _matrix(reference), rtol=0, atol=TOLERANCE)
+    matrix = _matrix(scores)
+    assert (matrix.max(axis=1) - matrix.min(axis=1)).min() > 20 * TOLERANCE
+
+    # Inputs the captioner did not prepare (another prompt) are refused, not misread.
+    other = Captioner(str(checkpoints[family]), prompt="Name the main object.", device="cpu", dtype="float32", max_new_tokens=1)
+    with pytest.raises(RuntimeError):
+        shared.score_encoded(other.generate_encoded(other.prepare(images[:1]))[1])
 
 
 def test_shares_a_captioners_weights(checkpoints, moderator, images):

@@ -11,6 +11,7 @@ from loupe.schemas.manifest import ShardStats, part_path, stats_path
 from loupe.schemas.plan import Shard, ShardKind
 from loupe.schemas.rows import OUTPUT_SCHEMA
 from loupe.schemas.taxonomy import Category, Taxonomy
+from loupe.workers.decode import decode_image
 from loupe.workers.pipeline import ShardProcessor
 from loupe.workers.reader import image_id_for
 
@@ -92,7 +93,15 @@ def test_real_tiny_model_captions(sample_images, tmp_path, tiny_llava):
     )
     processor = ShardProcessor(config, device="cpu")
     names = ["scene-000.png", "scene-001.jpg", "scene-002.jpg", "broken-empty.jpg", "scene-003.jpg"]
-    processor.process(_shard(sample_images, names))
+    vision_passes = []
+    hook = processor.captioner.model.model.vision_tower.register_forward_hook(lambda *_: vision_passes.append(1))
+    try:
+        processor.process(_shard(sample_images, names))
+    finally:
+        hook.remove()
+    # The moderator read the image prefix from the caption's KV cache: the one batch of four
+    # images went through the vision tower once, for captions and scores together.
+    assert processor._moderation_reads_cache and len(vision_passes) == 1
     rows = pq.read_table(tmp_path / part_path(3)).to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "error", "ok"]
     assert all(r["caption"] for r in rows if r["status"] == "ok")
@@ -102,6 +111,11 @@ def test_real_tiny_model_captions(sample_images, tmp_path, tiny_llava):
     assert all(0.0 <= v <= 1.0 for r in ok for v in r["moderation"].values())
     assert {r["moderation_model"] for r in ok} == {tiny_llava}
     assert rows[3]["moderation"] is None and rows[3]["flagged"] is None
+    # and its scores are those of the whole moderation prompt run on its own, per category
+    images = [decode_image((sample_images / name).read_bytes()) for name in names if name != "broken-empty.jpg"]
+    reference = processor.moderator.score_independent(images)
+    for row, expected in zip(ok, reference, strict=True):
+        assert row["moderation"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_poison_corpus_every_file_becomes_a_row(tmp_path):

@@ -136,6 +136,17 @@ def test_content_hash_is_stable_and_changes_with_every_field():
     assert digest not in digests and len(digests) == len(variants)
 
 
+def test_content_hash_covers_the_question_and_answers(monkeypatch):
+    # The question decides the scores as much as the definitions: a rewording is a new plan.
+    import loupe.schemas.taxonomy as taxonomy
+
+    digest = DEFAULT_TAXONOMY.content_hash()
+    monkeypatch.setattr(taxonomy, "QUESTION", "Does this picture show {definition}? Yes or No.")
+    reworded = DEFAULT_TAXONOMY.content_hash()
+    monkeypatch.setattr(taxonomy, "ANSWERS", ("Yes.", "No."))
+    assert len({digest, reworded, DEFAULT_TAXONOMY.content_hash()}) == 3
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [

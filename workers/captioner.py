@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -72,6 +73,19 @@ def _load_processor(model: str):
     if getattr(processor, "chat_template", None) is None:
         raise UserError(f"model {model!r} has no chat template, so its prompt format is unknown")
     return processor
+
+
+@dataclass
+class Encoded:
+    """What a generate() call leaves on the device: its prompt and the KV cache of prompt and output.
+
+    The moderator reads the image prefix's keys and values from it instead of encoding the
+    image a second time.
+    """
+
+    input_ids: torch.Tensor  # (images, width), left-padded
+    attention_mask: torch.Tensor  # (images, width)
+    cache: Any  # a transformers Cache: the prompt's keys and values, then the generated tokens'
 
 
 def check_model(model: str) -> None:
@@ -147,6 +161,8 @@ class Captioner:
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
+            # The cache comes back with the tokens, for a moderator that reads the image prefix from it.
+            return_dict_in_generate=True,
         )
 
     def _conversation(self, image: Image.Image) -> list[dict]:
@@ -172,9 +188,13 @@ class Captioner:
                     inputs[key] = value.pin_memory()
         return inputs
 
-    @torch.inference_mode()
     def generate(self, inputs: BatchFeature) -> list[str]:
         """Greedy-decode prepared inputs on the device; one stripped caption per image."""
+        return self.generate_encoded(inputs)[0]
+
+    @torch.inference_mode()
+    def generate_encoded(self, inputs: BatchFeature) -> tuple[list[str], Encoded]:
+        """generate(), also returning the prompt and KV cache it left on the device."""
         on_cuda = self.device.type == "cuda"
         batch = {}
         for key, value in inputs.items():
@@ -185,8 +205,9 @@ class Captioner:
                 value = value.to(self.device, dtype=dtype, non_blocking=on_cuda)
             batch[key] = value
         output = self.model.generate(**batch, generation_config=self.generation_config)
-        new_tokens = output[:, batch["input_ids"].shape[1] :]
-        return [text.strip() for text in self._decoder.batch_decode(new_tokens, skip_special_tokens=True)]
+        new_tokens = output.sequences[:, batch["input_ids"].shape[1] :]
+        captions = [text.strip() for text in self._decoder.batch_decode(new_tokens, skip_special_tokens=True)]
+        return captions, Encoded(batch["input_ids"], batch["attention_mask"], output.past_key_values)
 
     def __call__(self, images: list[Image.Image]) -> list[str]:
         """Caption a batch of images: prepare() then generate() in the calling thread."""

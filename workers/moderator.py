@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import re
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from loupe.schemas.errors import UserError
-from loupe.schemas.taxonomy import Taxonomy
-from loupe.workers.captioner import _DTYPES, Captioner
+from loupe.schemas.taxonomy import ANSWERS, QUESTION, Taxonomy
+from loupe.workers.captioner import _DTYPES, Captioner, Encoded
 
 if TYPE_CHECKING:
     from PIL import Image
     from transformers import BatchFeature
 
-# The shared instruction comes first so that it sits in the prefix, encoded once per image;
-# only the definition, the question mark and the chat template's end of turn are per category.
-QUESTION = "Answer Yes or No. Does this image show {definition}?"
-ANSWERS = ("Yes", "No")
 # Stands for the definition while the chat template is rendered, to find where it goes.
 _SLOT = "<<loupe-moderation-category>>"
 
@@ -39,14 +37,30 @@ def answer_token_ids(tokenizer, word: str) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+@dataclass(frozen=True)
+class _Split:
+    """A category's prompt as prefix + shared + suffix tokens; the prefix may be the caption prompt's."""
+
+    prefix_text: str  # chat start and image: run with the pixels
+    add_special_tokens: bool
+    shared_ids: list[int]  # the instruction, the same for every category
+    suffix_ids: list[list[int]]  # per category: definition, end of turn, assistant start
+    caption_tail: list[int] | None  # the caption prompt's tokens after the prefix, if it has the same prefix
+
+
 class Moderator:
     """Scores images against a taxonomy: P(Yes) per category, the image prefix encoded once.
 
     The prompt of every category is one chat turn, "<image> Answer Yes or No. Does this image
     show <definition>?", and the score is softmax(logit Yes, logit No) at the answer position
-    (ShieldGemma 2's recipe). Everything before the definition is the same for all categories,
-    so it is run once per image with the pixels, and every category's short suffix attends to
-    its keys and values: one forward per batch, whatever the number of categories.
+    (ShieldGemma 2's recipe). The prompt is cut in three: the prefix (chat start and image),
+    the shared instruction, and each category's short suffix. The prefix is encoded once per
+    image, the instruction once after it, and every category's suffix attends to both: one
+    forward per batch, whatever the number of categories.
+
+    When the moderator shares a captioner's weights and the caption prompt starts with the same
+    prefix, it does not even encode the image: score_encoded() reads the prefix's keys and
+    values from the cache the caption's generation left behind.
     """
 
     def __init__(
@@ -84,55 +98,86 @@ class Moderator:
         self.no_ids = answer_token_ids(tokenizer, ANSWERS[1])
         if not self.yes_ids or not self.no_ids or set(self.yes_ids) & set(self.no_ids):
             raise UserError(f"model {model!r}: its tokenizer does not tell 'Yes' from 'No' in a single token")
-        self._prefix_text, self._add_special_tokens, self.suffix_ids = self._split_prompt()
+        split = self._split_prompt(share.prompt if reusable and _full_attention(self.model) else None)
+        self._prefix_text, self._add_special_tokens = split.prefix_text, split.add_special_tokens
+        self.shared_ids, self.suffix_ids = split.shared_ids, split.suffix_ids
+        self._captioner = share if reusable and split.caption_tail is not None else None
+        self._caption_tail = torch.tensor(split.caption_tail or [], dtype=torch.long)
 
-        # The suffixes one after another, as one row behind each image's prefix (see _attention_mask).
+        # The row every image's prefix is followed by: the instruction, then the categories'
+        # suffixes one after another (see _attention_mask). Segment 0 is the instruction, which
+        # every category reads; segment i is category i, which only reads itself.
         lengths = torch.tensor([len(ids) for ids in self.suffix_ids])
-        segment = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-        self._suffixes = torch.tensor([token for ids in self.suffix_ids for token in ids])
-        self._suffix_offsets = torch.cat([torch.arange(n) for n in lengths.tolist()])
-        self._suffix_blocks = (segment[:, None] == segment[None, :]) & (
-            self._suffix_offsets[:, None] >= self._suffix_offsets[None, :]
+        shared = len(self.shared_ids)
+        segment = torch.cat([torch.zeros(shared, dtype=torch.long), torch.repeat_interleave(torch.arange(1, len(lengths) + 1), lengths)])
+        self._row = torch.tensor(self.shared_ids + [token for ids in self.suffix_ids for token in ids])
+        self._row_offsets = torch.cat([torch.arange(shared), *(torch.arange(shared, shared + n) for n in lengths.tolist())])
+        self._row_blocks = ((segment[None, :] == 0) | (segment[:, None] == segment[None, :])) & (
+            self._row_offsets[:, None] >= self._row_offsets[None, :]
         )
-        self._answer_at = lengths.cumsum(0) - 1
+        self._answer_at = shared + lengths.cumsum(0) - 1
 
-    def _split_prompt(self) -> tuple[str, bool, list[list[int]]]:
-        """Render one prompt per category and cut it where they start to differ.
+    def reads_prefix_of(self, captioner: object) -> bool:
+        """Whether score_encoded() can read this captioner's generation cache instead of encoding the image."""
+        return captioner is not None and captioner is self._captioner
 
-        The cut is at a token boundary for every category: the prefix's tokens followed by a
-        category's suffix tokens are exactly the tokens of that category's whole prompt, so
-        sharing the prefix changes nothing but the cost.
+    def _render(self, text: str) -> str:
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+    def _split_prompt(self, caption_prompt: str | None) -> _Split:
+        """Render one prompt per category and cut it where they start to differ, and where the caption's does.
+
+        Every cut is at a token boundary of every prompt it splits: the prefix's tokens, then
+        the instruction's, then a category's suffix are exactly the tokens of that category's
+        whole prompt (and the prefix's tokens start the caption prompt's), so sharing changes
+        nothing but the cost.
         """
         tokenizer = self.processor.tokenizer
-        conversation = [
-            {
-                "role": "user",
-                "content": [{"type": "image"}, {"type": "text", "text": QUESTION.format(definition=_SLOT)}],
-            }
-        ]
-        rendered = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        rendered = self._render(QUESTION.format(definition=_SLOT))
         # As apply_chat_template does: a template that writes BOS itself gets no second one.
         add_special = not (tokenizer.bos_token and rendered.startswith(tokenizer.bos_token))
-        whole = [
-            tokenizer(rendered.replace(_SLOT, c.definition), add_special_tokens=add_special)["input_ids"]
-            for c in self.taxonomy.categories
-        ]
-        slot = rendered.index(_SLOT)
+
+        def encode(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+        whole = [encode(rendered.replace(_SLOT, c.definition)) for c in self.taxonomy.categories]
         image_end = rendered.index(self.processor.image_token) + len(self.processor.image_token)
-        # Leading spaces belong to the next word in both BPE flavours ("▁show", "Ġshow"), so the
-        # cut goes before a space; if a tokenizer still merges across it, an earlier space is tried.
-        cuts = [len(rendered[:slot].rstrip())]
-        cuts += [m.start() for m in reversed(list(re.finditer(r"\s", rendered[: cuts[0]])))]
-        for cut in cuts:
-            if cut < image_end:
-                break
-            prefix = tokenizer(rendered[:cut], add_special_tokens=add_special)["input_ids"]
-            if all(ids[: len(prefix)] == prefix and len(ids) > len(prefix) for ids in whole):
-                return rendered[:cut], add_special, [ids[len(prefix) :] for ids in whole]
-        raise UserError(f"model {self.model_id!r}: its chat template cannot be split into image prefix and question")
+
+        def cut(end: int, prompts: list[list[int]]) -> tuple[int, list[int]] | None:
+            """The latest cut at or before `end`, not inside the image, that is a token boundary of all `prompts`."""
+            # Leading spaces belong to the next word in both BPE flavours ("▁show", "Ġshow"), so
+            # cuts go before a space; if a tokenizer still merges across it, an earlier one is tried.
+            candidates = [end, *(m.start() for m in reversed(list(re.finditer(r"\s", rendered[:end])))), image_end]
+            for at in candidates:
+                if at < image_end:
+                    break
+                prefix = encode(rendered[:at])
+                if all(ids[: len(prefix)] == prefix and len(ids) > len(prefix) for ids in prompts):
+                    return at, prefix
+            return None
+
+        question = cut(len(rendered[: rendered.index(_SLOT)].rstrip()), whole)
+        if question is None:
+            raise UserError(f"model {self.model_id!r}: its chat template cannot be split into image prefix and question")
+        prefix, caption_tail = question, None
+        if caption_prompt is not None:
+            caption = encode(self._render(caption_prompt))
+            common = len(os.path.commonprefix([rendered[: question[0]], self._render(caption_prompt)]))
+            shared = cut(common, [*whole, caption])
+            if shared is not None:
+                prefix, caption_tail = shared, caption[len(shared[1]) :]
+        at, prefix_ids = prefix
+        return _Split(
+            prefix_text=rendered[:at],
+            add_special_tokens=add_special,
+            shared_ids=whole[0][len(prefix_ids) : len(question[1])],
+            suffix_ids=[ids[len(question[1]) :] for ids in whole],
+            caption_tail=caption_tail,
+        )
 
     def prepare(self, images: list[Image.Image]) -> BatchFeature:
-        """Each image's prefix (chat start, image tokens, instruction), left-padded, with its pixels.
+        """Each image's prefix (chat start and image tokens), left-padded, with its pixels.
 
         CPU only and thread-safe: it runs on a producer thread while the model scores the previous batch.
         """
@@ -163,40 +208,73 @@ class Moderator:
         inputs = self._on_device(prepared)
         padding = inputs["attention_mask"].bool()
         width = padding.shape[1]
-        suffixes = self._suffixes.to(self.device)
+        row = self._row.to(self.device)
         # Positions count real tokens only, so a left-padded prefix is placed exactly as it is
-        # alone, and every suffix continues right where its image's prefix ends.
-        prefix_positions = (padding.cumsum(-1) - 1).clamp(min=0)
-        suffix_positions = padding.sum(-1, keepdim=True) + self._suffix_offsets.to(self.device)
+        # alone, and the row continues right where its image's prefix ends.
         inputs |= {
-            "input_ids": torch.cat([inputs["input_ids"], suffixes.expand(len(padding), -1)], -1),
-            "position_ids": torch.cat([prefix_positions, suffix_positions], -1),
-            "attention_mask": self._attention_mask(padding),
+            "input_ids": torch.cat([inputs["input_ids"], row.expand(len(padding), -1)], -1),
+            "position_ids": torch.cat([(padding.cumsum(-1) - 1).clamp(min=0), self._row_positions(padding)], -1),
+            "attention_mask": self._as_mask(self._attention_mask(padding)),
         }
         # The LM head runs at the answer positions only: (images, categories, vocab).
         logits = self.model(**inputs, logits_to_keep=width + self._answer_at.to(self.device)).logits
         return self._to_scores(logits)
 
-    def _attention_mask(self, padding: torch.Tensor) -> torch.Tensor:
-        """(images, 1, query, key): causal over the prefix, each suffix sees the prefix and itself only.
+    @torch.inference_mode()
+    def score_encoded(self, encoded: Encoded) -> list[dict[str, float]]:
+        """P(Yes) per category for the images a captioner has just captioned, read from its KV cache.
 
-        All categories' suffixes ride behind their image's prefix in one row, which is how the
-        prefix's keys and values are computed once and read by every category: no KV cache to
-        copy per category, no padding between suffixes.
+        The caption prompt and the moderation prompt start with the same tokens, the image's
+        among them, so the cache of the caption's generation already holds the prefix's keys and
+        values: only the instruction and the categories are run, no image is encoded again.
+        """
+        ids = encoded.input_ids
+        tail = self._caption_tail.to(ids.device)
+        if not self._caption_tail.numel() or ids.shape[1] <= len(tail) or not bool((ids[:, -len(tail) :] == tail).all()):
+            raise RuntimeError("these inputs were not prepared by the captioner this moderator shares a prefix with")
+        width = ids.shape[1] - len(tail)
+        padding = encoded.attention_mask[:, :width].bool()
+        # The cache also holds the rest of the caption prompt and the generated tokens: masked.
+        context = padding.new_zeros(len(padding), encoded.cache.get_seq_length())
+        context[:, :width] = padding
+        rows = len(self._row)
+        mask = torch.cat([context[:, None, :].expand(-1, rows, -1), self._row_blocks.to(self.device).expand(len(padding), -1, -1)], -1)
+        logits = self.model(
+            input_ids=self._row.to(self.device).expand(len(padding), -1),
+            position_ids=self._row_positions(padding),
+            attention_mask=self._as_mask(mask[:, None]),
+            past_key_values=encoded.cache,
+            logits_to_keep=self._answer_at.to(self.device),
+        ).logits
+        return self._to_scores(logits)
+
+    def _row_positions(self, padding: torch.Tensor) -> torch.Tensor:
+        """Each image's row of instruction and suffixes, positioned right after its real prefix tokens."""
+        return padding.sum(-1, keepdim=True) + self._row_offsets.to(self.device)
+
+    def _attention_mask(self, padding: torch.Tensor) -> torch.Tensor:
+        """(images, 1, query, key): causal over the prefix; the row reads the prefix and its blocks only.
+
+        The instruction and all categories' suffixes ride behind their image's prefix in one row,
+        which is how the prefix's keys and values are computed once and read by every category:
+        no KV cache to copy per category, no padding between suffixes.
         """
         images, width = padding.shape
-        total = width + len(self._suffixes)
+        rows = len(self._row)
+        total = width + rows
         allowed = torch.ones(total, total, dtype=torch.bool, device=self.device).tril()
-        allowed[width:, width:] = self._suffix_blocks.to(self.device)
-        keys = torch.cat([padding, padding.new_ones(images, len(self._suffixes))], -1)
+        allowed[width:, width:] = self._row_blocks.to(self.device)
+        keys = torch.cat([padding, padding.new_ones(images, rows)], -1)
         allowed = allowed[None] & keys[:, None, :]
         # A padding query would see no key at all, which some SDPA kernels (torch < 2.5) turn
         # into NaN; letting it see itself costs nothing, and no real token reads it.
         allowed |= torch.eye(total, dtype=torch.bool, device=self.device)
-        allowed = allowed[:, None]
+        return allowed[:, None]
+
+    def _as_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A boolean mask as the model's attention takes it: SDPA reads booleans, others add it to the scores."""
         if self.model.config._attn_implementation == "sdpa":
             return allowed
-        # Other attention implementations add the mask to the scores.
         additive = torch.zeros(allowed.shape, dtype=self.model.dtype, device=self.device)
         return additive.masked_fill_(~allowed, torch.finfo(self.model.dtype).min)
 
@@ -208,7 +286,8 @@ class Moderator:
             prefix = self._on_device(self.prepare([image]))
             answers = []
             for suffix in self.suffix_ids:
-                ids = torch.cat([prefix["input_ids"], torch.tensor([suffix], device=self.device)], -1)
+                ids = torch.tensor([self.shared_ids + suffix], device=self.device)
+                ids = torch.cat([prefix["input_ids"], ids], -1)
                 inputs = prefix | {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
                 answers.append(self.model(**inputs, logits_to_keep=1).logits[0, -1])
             results += self._to_scores(torch.stack(answers)[None])
@@ -228,3 +307,10 @@ class Moderator:
     def __call__(self, images: list[Image.Image]) -> list[dict[str, float]]:
         """Score a batch of images: prepare() then score() in the calling thread."""
         return self.score(self.prepare(images))
+
+
+def _full_attention(model) -> bool:
+    """Whether every text layer attends to the whole context (a sliding-window cache drops the image)."""
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None) or ()
+    return all(kind == "full_attention" for kind in layer_types)

@@ -132,6 +132,10 @@ class ShardProcessor:
             self.text_embedder.dim if self.text_embedder else None,
         )
         self._taxonomy_sha256 = config.taxonomy.content_hash()
+        # A moderator sharing the captioner's weights and prompt prefix reads the image's keys and
+        # values from the caption's KV cache: no second encoding, no moderation inputs to prepare.
+        reads_prefix_of = getattr(self.moderator, "reads_prefix_of", None)
+        self._moderation_reads_cache = bool(reads_prefix_of and reads_prefix_of(self.captioner))
         self._model_lock = threading.Lock()
         self._decode_pool = ThreadPoolExecutor(
             max_workers=decode_threads or min(8, (os.cpu_count() or 2)),
@@ -252,7 +256,7 @@ class ShardProcessor:
         try:
             if self.captioner is not None:
                 batch.caption_inputs = self.captioner.prepare(images)
-            if self.moderator is not None:
+            if self.moderator is not None and not self._moderation_reads_cache:
                 batch.moderation_inputs = self.moderator.prepare(images)
             if self.image_embedder is not None:
                 batch.embedding_inputs = self.image_embedder.prepare(images)
@@ -266,14 +270,23 @@ class ShardProcessor:
     def _run_models(self, batch: _Batch, timings: _Timings) -> list[_Result]:
         results = [_Result(item, None, None) for item in batch.items]
         with self._model_lock:
+            encoded = None
             if self.captioner is not None:
                 t0 = time.perf_counter()
-                for result, caption in zip(results, self.captioner.generate(batch.caption_inputs), strict=True):
+                if self._moderation_reads_cache:
+                    captions, encoded = self.captioner.generate_encoded(batch.caption_inputs)
+                else:
+                    captions = self.captioner.generate(batch.caption_inputs)
+                for result, caption in zip(results, captions, strict=True):
                     result.caption = caption
                 timings.add("generate", time.perf_counter() - t0)
             if self.moderator is not None:
                 t0 = time.perf_counter()
-                for result, scores in zip(results, self.moderator.score(batch.moderation_inputs), strict=True):
+                if self._moderation_reads_cache:
+                    scores = self.moderator.score_encoded(encoded)
+                else:
+                    scores = self.moderator.score(batch.moderation_inputs)
+                for result, scores in zip(results, scores, strict=True):
                     result.scores = scores
                 timings.add("moderate", time.perf_counter() - t0)
             if self.image_embedder is not None:
