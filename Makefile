@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # torchvision from PyPI only imports beside the torch it was built with; this pair runs on
 # the CPU here (a CUDA build). GPU users install their own matching pair first.
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
+# Which FAISS build: cpu (faiss-cpu) or gpu (faiss-gpu-cu12, CUDA 12). One only: both install
+# the same `faiss` module. `make install FAISS=gpu` on a CUDA 12 machine.
+FAISS ?= cpu
 
 .PHONY: demo test install install-dev clean
 
@@ -14,11 +17,11 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q $(TORCH_PAIR)
-	$(BIN)/pip install -q -e ".[offline]"
+	$(BIN)/pip install -q -e ".[$(FAISS),offline]"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[$(FAISS),dev]"
 	touch $@
 
 install: $(VENV)/.installed

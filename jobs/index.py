@@ -8,21 +8,36 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
+from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from loupe.schemas.errors import UserError
 from loupe.schemas.manifest import JOB_FILE, MANIFEST_FILE
 from loupe.workers.storage import Storage, join_uri, open_storage
+
+
+class FaissMissing(UserError, ModuleNotFoundError):
+    """Neither FAISS build is installed: the CLI prints it as one line, importers see an ImportError."""
+
+
+try:
+    import faiss
+except ModuleNotFoundError as exc:
+    if exc.name != "faiss":
+        raise  # faiss is there but something it needs is not: that message says what
+    raise FaissMissing(
+        "faiss is not installed: pip install 'loupe[cpu]' (or 'loupe[gpu]' on CUDA 12)", name="faiss"
+    ) from None
 
 # The embedding column each kind of index is built from, and the job setting naming its model.
 KINDS = {"image": "image_embedding", "caption": "caption_embedding"}
@@ -48,6 +63,9 @@ MIN_POINTS_PER_CENTROID = 39  # ...and faiss warns below 39
 MAX_NLIST = 1 << 18
 PQ_CODE_BYTES = (256, 192, 128, 96, 64, 48, 32, 24, 16, 8)  # best first
 PQ_TRAIN_POINTS = 256 * MIN_POINTS_PER_CENTROID
+LLOYD_BITS = (7, 6, 5)  # per dimension, between SQ8 and SQ4
+LLOYD_TRAIN_POINTS = 65_536  # residuals the per-dimension codebooks train on: 512 per level at 7 bits
+LLOYD_ITERATIONS = 40
 OPQ_MIN_SUBVECTOR = 8
 ID_BYTES = 8  # faiss stores an int64 id beside every code in an inverted list
 # Of the memory budget, for the training sample: the index is still empty while it trains, and
@@ -58,6 +76,10 @@ TRAIN_SHARE = 0.75
 TUNING_QUERIES = 1000
 PLATEAU = 0.001  # tuning stops once recall@10 gains less than this...
 PLATEAU_STEPS = 4  # ...over this many steps (4x the search width)
+# A setting is taken when its measured recall, less this many standard errors, reaches the target:
+# one-sided 95% confidence that the recall of queries to come does (1000 tuning queries put a
+# standard error of about 0.002 on recall@10 near 0.95, so the margin is ~0.004).
+CONFIDENCE_Z = 1.645
 IDS_ROW_GROUP = 65_536  # search reads one row group of ids.parquet per hit, so keep them small
 READ_BATCH = 16_384
 
@@ -71,6 +93,61 @@ _IDS_SCHEMA = pa.schema(
 
 
 # ---------------------------------------------------------------------------------------
+# Threads
+
+
+def cpu_share() -> int:
+    """The CPUs this process may keep busy: its affinity mask, capped by a cgroup CPU quota
+    (a container's --cpus, a Kubernetes limit) and, inside a Ray task or actor, by its num_cpus."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    for limit in (_cgroup_cpus(), _ray_cpus()):
+        if limit is not None:
+            # Threads beyond a fractional share are throttled, not run: round down.
+            cpus = min(cpus, max(1, math.floor(limit)))
+    return max(1, cpus)
+
+
+def _cgroup_cpus() -> float | None:
+    try:  # cgroup v2: "max 100000" or "200000 100000"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1: a quota of -1 means none
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def _ray_cpus() -> float | None:
+    ray = sys.modules.get("ray")  # never imported here: only a process Ray runs in has a share
+    try:
+        if ray is None or not ray.is_initialized():
+            return None
+        # {} in the driver; {"CPU": 2.0, ...} inside a task or an actor that reserved CPUs.
+        return ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # noqa: BLE001 - an older or partly started Ray: fall back to the affinity mask
+        return None
+
+
+def use_cpu_share() -> int:
+    """Size FAISS's OpenMP pool to cpu_share(), unless OMP_NUM_THREADS says otherwise; the count."""
+    # OpenMP starts one thread per core of the machine where it cannot see the quota; with more
+    # threads than CPUs, its spinning workers wait on each other and searches slow down manyfold.
+    if not os.environ.get("OMP_NUM_THREADS"):
+        faiss.omp_set_num_threads(cpu_share())
+    return faiss.omp_get_max_threads()
+
+
+use_cpu_share()
+
+
+# ---------------------------------------------------------------------------------------
 # Choosing the index
 
 
@@ -78,7 +155,7 @@ _IDS_SCHEMA = pa.schema(
 class IndexChoice:
     """An index type and its shape: what choose_index decided and why it fits the budget."""
 
-    kind: str  # "flat" | "hnsw" | "ivf_flat" | "ivf_sq" | "ivf_pq"
+    kind: str  # "flat" | "hnsw" | "ivf_flat" | "ivf_sq" | "ivf_lloyd" | "ivf_pq"
     factory: str  # faiss.index_factory string
     nlist: int | None = None  # IVF lists
     m: int | None = None  # code bytes per vector (SQ or PQ)
@@ -93,10 +170,10 @@ def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int) -> IndexCho
 
     Flat below FLAT_MAX_VECTORS; else HNSW with the densest graph (8..32) that fits; else, below
     1M vectors, IVF with flat lists if they fit; else IVF (with an HNSW coarse quantizer when
-    the lists are many) with the most precise codes that fit: scalar quantization at 8, 6 or 4
-    bits per dimension, then PQ (behind an OPQ rotation where sub-vectors are long) with the
-    largest code. nlist is the power of two nearest 4·sqrt(n), lowered until the training
-    sample (at most TRAIN_SHARE of the budget) holds MIN_POINTS_PER_CENTROID points per list.
+    the lists are many) with the most precise codes that fit: 8 bits per dimension (SQ8), then
+    7, 6 or 5 (a Lloyd-Max codebook per dimension behind a random rotation), then 4 (SQ4), then
+    PQ (behind an OPQ rotation where sub-vectors are long) with the largest code. nlist is the
+    power of two nearest 4·sqrt(n), lowered until the training sample (at most TRAIN_SHARE of the budget) holds MIN_POINTS_PER_CENTROID points per list.
     """
     if n_vectors < 1:
         raise UserError("there are no vectors to index")
@@ -140,21 +217,51 @@ def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int) -> IndexCho
                 train_vectors=train,
                 estimated_bytes=size,
             )
-    # Scalar quantizers first: 8, 6 or 4 bits per dimension keep recall@10 near exact search's
-    # (we measured 0.99 / 0.98 / 0.92 on 768-d clustered data) and train in seconds.
-    for bits in (8, 6, 4):
-        code = dim * bits // 8
-        size = n * (code + ID_BYTES) + quantizer_bytes(dim) + 8 * dim
+    # Then one code per dimension, the finest that fits. Recall at this size is limited by the
+    # codes' precision, not by how many lists are probed (200k x 768 clustered vectors, 2048
+    # lists: flat lists reach recall@10 0.999 at nprobe 4, where SQ8 stops at 0.992, SQ6 at 0.971
+    # and SQ4 at 0.898 however many lists are probed), so every bit counts.
+    #
+    # 8 bits: faiss's uniform SQ8, scanned fastest.
+    size = n * (dim + ID_BYTES) + quantizer_bytes(dim) + 8 * dim
+    if size <= budget:
+        return IndexChoice(
+            "ivf_sq", f"{coarse},SQ8", nlist=nlist, m=dim, hnsw_m=coarse_m, train_vectors=train, estimated_bytes=size
+        )
+    # 7 to 5 bits: a Lloyd-Max codebook per dimension (a PQ with one-dimensional sub-vectors,
+    # trained by _train_lloyd_max): at equal bits the scalar code of least squared error, half
+    # or less that of a uniform SQ over the sample's range (and faiss has no 5- or 7-bit SQ).
+    # Behind a random rotation, as in EDEN or RaBitQ: the error of a per-dimension code grows
+    # with each dimension's spread, and a query weighs most the dimensions where the data spreads
+    # most (embedding models, CLIP among them, have a few dimensions of outsized variance), so
+    # the rotation spreads the data, and with it the error, evenly over all dimensions: never
+    # worse, often better. Same data as above: 7 bits 0.985 (even with faiss's own k-means
+    # codebooks) where SQ6 stops at 0.971. (Cutting dimensions with PCA to fit SQ8 instead
+    # loses more: SQ8 on 736 of the 768 dims, 0.960.)
+    for bits in LLOYD_BITS:
+        code = -(-dim * bits // 8)  # b-bit codes packed end to end
+        size = (
+            n * (code + ID_BYTES)
+            + quantizer_bytes(dim)
+            + 4 * dim * dim  # the rotation
+            + 4 * dim * (1 << bits)  # the codebooks
+        )
         if size <= budget:
             return IndexChoice(
-                "ivf_sq",
-                f"{coarse},SQ{bits}",
+                "ivf_lloyd",
+                f"RR{dim},{coarse},PQ{dim}x{bits}np",
                 nlist=nlist,
                 m=code,
                 hnsw_m=coarse_m,
                 train_vectors=train,
                 estimated_bytes=size,
             )
+    # 4 bits: uniform SQ4, faster to scan than a 4-bit codebook per dimension.
+    size = n * (dim // 2 + ID_BYTES) + quantizer_bytes(dim) + 8 * dim
+    if size <= budget:
+        return IndexChoice(
+            "ivf_sq", f"{coarse},SQ4", nlist=nlist, m=dim // 2, hnsw_m=coarse_m, train_vectors=train, estimated_bytes=size
+        )
     # PQ's 256-centroid codebooks want 39 points per centroid as much as the lists do.
     train = max(train, min(n, max_train, PQ_TRAIN_POINTS))
     for m in PQ_CODE_BYTES:
@@ -476,6 +583,12 @@ def _gpu_count() -> int:
 
 def _train(index: faiss.Index, train: np.ndarray) -> None:
     ivf = faiss.try_extract_index_ivf(index)
+    lloyd = _lloyd_ivf(index)
+    if lloyd is not None:
+        # faiss's k-means is slow on one-dimensional sub-vectors (minutes for 768 of them) and,
+        # from random starts, settles far from the optimum; _train_lloyd_max replaces its result.
+        lloyd.pq.cp.niter = 0
+        lloyd.pq.cp.min_points_per_centroid = 1  # nor warn about its sample size, unused
     clustering = None
     if ivf is not None and _gpu_count() > 0:
         # k-means is where the time goes; a GPU flat index does its assignments, while the
@@ -489,6 +602,75 @@ def _train(index: faiss.Index, train: np.ndarray) -> None:
         if clustering is not None:
             ivf.clustering_index = None  # GPU resources must not outlive training or reach the file
             del clustering
+    if lloyd is not None:
+        _train_lloyd_max(index, lloyd, train[:LLOYD_TRAIN_POINTS])
+
+
+def _lloyd_ivf(index: faiss.Index) -> Any:
+    """The IVF-PQ inside `index` when its PQ has one-dimensional sub-vectors, else None."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return None
+    ivf = faiss.downcast_index(ivf)
+    return ivf if isinstance(ivf, faiss.IndexIVFPQ) and ivf.pq.dsub == 1 else None
+
+
+def _train_lloyd_max(index: faiss.Index, ivf: Any, sample: np.ndarray) -> None:
+    """Set each dimension's codebook to the Lloyd-Max quantizer of the sample's IVF residuals."""
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    residuals = np.empty((len(sample), ivf.d), dtype=np.float32)
+    for start in range(0, len(sample), READ_BATCH):  # a batch at a time: one copy of the sample
+        vectors = _pre_transform(index, sample[start : start + READ_BATCH])
+        assigned = ivf.quantizer.assign(vectors, 1).ravel()
+        residuals[start : start + len(vectors)] = vectors - centroids[assigned]
+    levels = ivf.pq.ksub
+    codebooks = np.stack([lloyd_max(residuals[:, j], levels) for j in range(residuals.shape[1])])
+    faiss.copy_array_to_vector(codebooks.astype(np.float32).ravel(), ivf.pq.centroids)
+    _ready_to_add(index)
+
+
+def lloyd_max(values: np.ndarray, levels: int, iterations: int = LLOYD_ITERATIONS) -> np.ndarray:
+    """The `levels` reconstruction points of least squared error for `values` (1-d k-means).
+
+    Starts from the points that are optimal at high rate for a Gaussian of the sample's mean and
+    spread (their density follows p^(1/3): quantiles of a Gaussian three times as wide), which
+    rotated residuals nearly are, then runs Lloyd's iterations on the sorted sample.
+    """
+    data = np.sort(np.asarray(values, dtype=np.float64))
+    if len(data) == 0:
+        return np.zeros(levels)
+    sums = np.concatenate([[0.0], np.cumsum(data)])
+    spread = data.std() or 1.0
+    quantiles = [NormalDist().inv_cdf((i + 0.5) / levels) for i in range(levels)]
+    points = data.mean() + np.sqrt(3) * spread * np.array(quantiles)
+    points = np.clip(points, data[0], data[-1])
+    for _ in range(iterations):
+        edges = np.concatenate([[0], np.searchsorted(data, (points[1:] + points[:-1]) / 2), [len(data)]])
+        counts = np.diff(edges)
+        means = (sums[edges[1:]] - sums[edges[:-1]]) / np.maximum(counts, 1)
+        moved = np.sort(np.where(counts > 0, means, points))  # an empty cell keeps its point
+        if np.allclose(moved, points, rtol=0, atol=1e-7 * spread):
+            points = moved
+            break
+        points = moved
+    return points
+
+
+def _pre_transform(index: faiss.Index, vectors: np.ndarray) -> np.ndarray:
+    """`vectors` as the IVF inside `index` sees them: through its rotation, if it has one."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            vectors = faiss.downcast_VectorTransform(index.chain.at(i)).apply(vectors)
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def _ready_to_add(index: faiss.Index) -> None:
+    """Build the in-memory helpers that encoding needs for speed (not saved with the index)."""
+    lloyd = _lloyd_ivf(index)
+    if lloyd is not None:
+        # Encodes one-dimensional sub-vectors ~10x faster; the codes are the same.
+        lloyd.pq.sync_transposed_centroids()
 
 
 # ---------------------------------------------------------------------------------------
@@ -508,8 +690,11 @@ def tune_search(
 
     `ground_truth` holds the exact k+1 nearest ids of each query over everything in the index.
     Queries are vectors of the data, so with `query_ids` each query's own id is left out of both
-    lists. When no setting reaches the target, the cheapest within 0.005 of the best recall is
-    kept; the recall returned says so. The index is left set to the parameters returned.
+    lists. Recall on a sample of queries is an estimate: a setting is taken once the estimate,
+    less CONFIDENCE_Z standard errors, reaches the target, so that queries to come reach it too.
+    When no setting does, the cheapest within 0.005 of the best recall (and at the target, where
+    the best is) is kept; the recall returned says so. The index is left set to the parameters
+    returned.
     """
     space = faiss.ParameterSpace()
     measured: list[tuple[dict[str, int], float]] = []
@@ -517,9 +702,10 @@ def tune_search(
     for params in _parameter_grid(index, k):
         space.set_index_parameters(index, _param_string(params))
         _, found = index.search(queries, k + 1)
-        recall = recall_at_k(found, ground_truth, k, query_ids)
+        hits, totals = _hits_per_query(found, ground_truth, k, query_ids)
+        recall = float(hits.sum() / totals.sum()) if totals.sum() else 1.0
         measured.append((params, recall))
-        if recall >= target_recall:
+        if recall - CONFIDENCE_Z * _standard_error(hits, totals) >= target_recall:
             return params, recall
         best, since_best = (recall, 0) if recall > best + PLATEAU else (max(best, recall), since_best + 1)
         if since_best >= PLATEAU_STEPS:
@@ -527,21 +713,39 @@ def tune_search(
             # (a full scan per query) would cost minutes and gain nothing.
             break
     best = max(recall for _, recall in measured)
-    params, recall = next((p, r) for p, r in measured if r >= best - 0.005)
+    enough = best - 0.005 if best < target_recall else max(target_recall, best - 0.005)
+    params, recall = next((p, r) for p, r in measured if r >= enough)
     space.set_index_parameters(index, _param_string(params))
     return params, recall
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int, query_ids: np.ndarray | None = None) -> float:
     """Share of the exact k nearest neighbours that `found` returns in its first k, self-matches left out."""
-    hits = total = 0
+    hits, totals = _hits_per_query(found, truth, k, query_ids)
+    return float(hits.sum() / totals.sum()) if totals.sum() else 1.0
+
+
+def _hits_per_query(
+    found: np.ndarray, truth: np.ndarray, k: int, query_ids: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    hits, totals = np.zeros(len(found)), np.zeros(len(found))
     for i, (row_found, row_truth) in enumerate(zip(found, truth, strict=True)):
         own = -2 if query_ids is None else query_ids[i]
         expected = [x for x in row_truth if x >= 0 and x != own][:k]
         got = [x for x in row_found if x >= 0 and x != own][:k]
-        hits += len(set(got).intersection(expected))
-        total += len(expected)
-    return hits / total if total else 1.0
+        hits[i], totals[i] = len(set(got).intersection(expected)), len(expected)
+    return hits, totals
+
+
+def _standard_error(hits: np.ndarray, totals: np.ndarray) -> float:
+    """Standard error of the recall estimate sum(hits) / sum(totals), queries drawn at random
+    (the ratio estimator's: the hits of a query's k neighbours are not independent draws)."""
+    n, total = len(hits), totals.sum()
+    if n < 2 or not total:
+        return 0.0
+    recall = hits.sum() / total
+    residuals = hits - recall * totals
+    return float(np.sqrt(n / (n - 1) * (residuals**2).sum()) / total)
 
 
 def _parameter_grid(index: faiss.Index, k: int) -> list[dict[str, int]]:
@@ -812,6 +1016,7 @@ def _extend(
         return None
     source = _PartVectors(storage, output, new_parts, column, first_part=len(record.parts))
     started = time.perf_counter()
+    _ready_to_add(index)
     try:
         for batch in source():
             index.add(_as_vectors(batch, record.dim))

@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from loupe.jobs import index as index_module
 from loupe.jobs.index import (
     TRAIN_SHARE,
@@ -67,11 +66,22 @@ def test_ivf_flat_below_a_million_when_hnsw_does_not_fit():
 
 
 def test_large_sets_get_compressed_codes_within_the_budget():
-    # The benchmark's case: a quarter of flat's memory for 1M x 768.
+    # The benchmark's case: a quarter of flat's memory for 1M x 768 is 768 bytes a vector, too
+    # little for SQ8's 768 bytes of code plus 8 of id: 7-bit Lloyd-Max codes behind a rotation.
     choice = choose_index(1_000_000, 768, 768_000_000)
-    assert choice.kind == "ivf_sq" and choice.factory.endswith(",SQ6")
-    assert choice.factory.startswith("IVF4096_HNSW32")  # 4·sqrt(1M) = 4000
+    assert choice.kind == "ivf_lloyd" and choice.factory == "RR768,IVF4096_HNSW32,PQ768x7np"  # 4·sqrt(1M) = 4000
+    assert choice.m == 768 * 7 // 8
+    assert choice.estimated_bytes == (
+        1_000_000 * (672 + 8) + 4096 * (4 * 768 + 8 * 32) + 4 * 768 * 768 + 4 * 768 * 128
+    )
     assert choice.train_vectors == int(0.75 * 768_000_000) // (4 * 768)  # 46 points a list
+    # Room for a byte a dimension and the rest: SQ8, scanned fastest.
+    roomy = choose_index(1_000_000, 768, 800_000_000)
+    assert (roomy.kind, roomy.factory) == ("ivf_sq", "IVF4096_HNSW32,SQ8")
+    # Less room, fewer bits: 6, then 5 bits a dimension, then SQ4.
+    assert choose_index(1_000_000, 768, 600_000_000).factory.endswith(",PQ768x6np")
+    assert choose_index(1_000_000, 768, 500_000_000).factory.endswith(",PQ768x5np")
+    assert choose_index(1_000_000, 768, 400_000_000).factory.endswith(",SQ4")
     # Half that budget cannot hold 39 training points for each of 4096 lists.
     assert choose_index(1_000_000, 768, 384_000_000).factory.startswith("IVF2048_HNSW32")
     # A hundred million vectors in 4 GB: PQ behind an OPQ rotation, an HNSW coarse quantizer.
@@ -100,9 +110,16 @@ def test_every_choice_fits_its_budget(n, dim, budget):
 
 
 def test_more_budget_never_means_a_coarser_index():
-    order = ["ivf_pq", "ivf_sq", "ivf_flat", "hnsw", "flat"]
-    kinds = [choose_index(400_000, 384, budget).kind for budget in (10**8, 3 * 10**8, 7 * 10**8, 2 * GB)]
-    assert [order.index(k) for k in kinds] == sorted(order.index(k) for k in kinds)
+    order = ["ivf_pq", "codes", "ivf_flat", "hnsw", "flat"]
+    budgets = [10**8, 1.2 * 10**8, 1.5 * 10**8, 1.8 * 10**8, 2 * 10**8, 3 * 10**8, 7 * 10**8, 2 * GB]
+    choices = [choose_index(400_000, 384, int(budget)) for budget in budgets]
+    # One code a dimension (SQ4, Lloyd-Max at 5 to 7 bits, SQ8) ranks by its bytes.
+    ranks = [
+        (order.index("codes" if c.kind in ("ivf_sq", "ivf_lloyd") else c.kind), c.m if c.kind in ("ivf_sq", "ivf_lloyd") else 0)
+        for c in choices
+    ]
+    assert ranks == sorted(ranks)
+    assert {c.kind for c in choices} >= {"ivf_sq", "ivf_lloyd", "hnsw"}
 
 
 def test_impossible_budgets_and_counts_are_user_errors():
@@ -158,6 +175,7 @@ def data():
         (IndexChoice("hnsw", "HNSW16", hnsw_m=16), 0.95),
         (IndexChoice("ivf_flat", "IVF64,Flat", nlist=64, train_vectors=6400), 0.95),
         (IndexChoice("ivf_sq", "IVF64_HNSW32,SQ8", nlist=64, train_vectors=6400), 0.95),
+        (IndexChoice("ivf_lloyd", "RR32,IVF64,PQ32x7np", nlist=64, m=28, train_vectors=6400), 0.95),
         # PQ's ceiling is its code size: 16 bytes for 32 dimensions cannot reach 0.95.
         # (OPQ would train ten times longer; its factory strings are checked above.)
         (IndexChoice("ivf_pq", "IVF64,PQ16x8np", nlist=64, m=16, train_vectors=10_000), 0.7),
@@ -182,6 +200,48 @@ def test_each_index_type_reaches_its_target_recall(data, choice, target):
     assert recall_at_k(found, truth, 10) >= target - 0.03
     if choice.kind != "flat":
         assert record.params  # nprobe or efSearch were chosen, not left at faiss's defaults
+
+
+@pytest.mark.parametrize("bits", [7, 6, 5])
+def test_lloyd_max_codebooks_reach_the_least_squared_error(bits):
+    rng = np.random.default_rng(bits)
+    points = np.sort(index_module.lloyd_max(rng.standard_normal(65_536), 1 << bits))
+    fresh = rng.standard_normal(200_000)
+    nearest = points[np.searchsorted((points[1:] + points[:-1]) / 2, fresh)]
+    error = ((nearest - fresh) ** 2).mean()
+    # Panter and Dite's high-rate error of the optimal quantizer of a unit Gaussian: sqrt(3)·pi/2
+    # per 4^bits; a uniform quantizer over the sample's range makes over twice as much.
+    optimal = np.sqrt(3) * np.pi / 2 / 4**bits
+    assert 0.9 * optimal < error < 1.1 * optimal
+    uniform_step = (fresh.max() - fresh.min()) / (1 << bits)
+    assert error < 0.5 * uniform_step**2 / 12
+
+
+def test_lloyd_codes_survive_a_round_trip_and_later_adds(data):
+    choice = IndexChoice("ivf_lloyd", "RR32,IVF64,PQ32x7np", nlist=64, m=28, train_vectors=6400)
+    index, record = build_index([data[:10_000]], memory_budget_bytes=GB, choice=choice, tuning_queries=300)
+    loaded = faiss.deserialize_index(faiss.serialize_index(index))
+    index_module.apply_params(loaded, record.params)
+    assert (loaded.search(data[:50], 10)[1] == index.search(data[:50], 10)[1]).all()
+    # A loaded index encodes new vectors exactly as the one that was trained (the fast encoder's
+    # tables are rebuilt, not saved).
+    index_module._ready_to_add(loaded)
+    index.add(data[10_000:])
+    loaded.add(data[10_000:])
+    assert faiss.serialize_index(loaded).tobytes() == faiss.serialize_index(index).tobytes()
+
+
+def test_tuning_leaves_a_margin_of_the_recall_estimates_error(data, monkeypatch):
+    choice = IndexChoice("ivf_flat", "IVF64,Flat", nlist=64, train_vectors=6400)
+    _, confident = build_index([data], memory_budget_bytes=GB, target_recall=0.9, choice=choice, tuning_queries=300)
+    monkeypatch.setattr(index_module, "CONFIDENCE_Z", 0.0)
+    _, bare = build_index([data], memory_budget_bytes=GB, target_recall=0.9, choice=choice, tuning_queries=300)
+    assert bare.params["nprobe"] <= confident.params["nprobe"]
+    assert 0.9 <= bare.recall_at_10 <= confident.recall_at_10
+    # The standard error of a mean of independent per-query recalls is the textbook one.
+    hits = np.random.default_rng(0).binomial(10, 0.9, 4000).astype(float)
+    error = index_module._standard_error(hits, np.full(4000, 10.0))
+    assert error == pytest.approx(np.sqrt(0.9 * 0.1 / 40_000), rel=0.05)
 
 
 def test_tuning_picks_the_cheapest_setting_that_reaches_the_target(data):
