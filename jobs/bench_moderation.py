@@ -184,7 +184,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "naive_over_moderation": round(naive_over_moderation, 2),
         "targets_met": {
             "moderation adds <= 1 prefill": moderation_over_prefill <= 1.0,
-            "naive >= 5x what moderation adds": naive_over_moderation >= 5.0,
+            # Compared as a product: what moderation adds can be below the repeats' noise, even negative.
+            "naive >= 5x what moderation adds": median[clock]["naive"] >= 5.0 * median[clock]["moderation_added"],
         },
     }
 
@@ -220,7 +221,9 @@ def _table(result: dict) -> str:
     lines += ["", f"targets, on {result['clock']} time:"]
     (prefill_target, prefill_met), (naive_target, naive_met) = result["targets_met"].items()
     lines.append(f"{'met   ' if prefill_met else 'MISSED'} {prefill_target}  ({result['moderation_over_prefill']:.2f})")
-    lines.append(f"{'met   ' if naive_met else 'MISSED'} {naive_target}  ({result['naive_over_moderation']:.1f}x)")
+    ratio = result["naive_over_moderation"]
+    shown = f"{ratio:.1f}x" if ratio > 0 else "moderation's cost is below the noise of the repeats"
+    lines.append(f"{'met   ' if naive_met else 'MISSED'} {naive_target}  ({shown})")
     return "\n".join(lines)
 
 
