@@ -157,6 +157,40 @@ def demo(
         run_demo(workdir, _ProgressBar, _print_summary)
 
 
+@app.command()
+def bench(
+    family: Annotated[str, typer.Option(help="llava, llava-next or llava-onevision.")] = "llava",
+    size: Annotated[str, typer.Option(help="tiny, small (CPU-sized) or 7b (the family's 7B shape; GPU).")] = "small",
+    images: Annotated[int, typer.Option(help="Generated JPEGs of varied sizes to caption.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per caption, fixed (minimum = maximum).")] = 64,
+    tasks: Annotated[str, typer.Option(help="Comma-separated: caption, moderate, embed.")] = "caption",
+    source: Annotated[str, typer.Option(help="local folder, or s3 (a loopback S3 endpoint started for the run).")] = "local",
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when a GPU is there).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPUs of the local Ray cluster, so torch threads per replica (CPU).")] = None,
+    naive_images: Annotated[Optional[int], typer.Option(help="Images for the one-at-a-time baseline (default 16).")] = None,
+    repeats: Annotated[int, typer.Option(help="Turns of job and model alone; medians are reported (noisy machines).")] = 1,
+    shard_size: Annotated[Optional[int], typer.Option(help="Images per shard (default: about four shards).")] = None,
+    workdir: Annotated[Optional[Path], typer.Option(help="Keep the checkpoint and images here between runs.")] = None,
+    endpoint_url: Annotated[Optional[str], typer.Option(help="With --source s3: this S3-compatible endpoint (a bucket is created and removed).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Images/s of a whole job beside the model alone and a naive loop, and where the time goes."""
+    from loupe.jobs.bench import BenchOptions, format_table, run_bench  # first: it sets offline mode
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    options = BenchOptions(
+        family=family, size=size, images=images, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        tasks=tasks, source=source, device=device, threads=threads, naive_images=naive_images, repeats=repeats,
+        shard_size=shard_size, workdir=str(workdir) if workdir else None, endpoint_url=endpoint_url,
+    )
+    with _user_errors():
+        result = run_bench(options, log=lambda line: console.print(f"[dim]{line}[/]"))
+    typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
 class _ProgressBar:
     """Shards and images done, and images/s, while a job runs (a JobObserver)."""
 

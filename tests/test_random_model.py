@@ -5,10 +5,9 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from PIL import Image
-
 from loupe.schemas.errors import UserError
 from loupe.workers.random_model import FAMILIES, build_random_model
+from PIL import Image
 
 EXPECTED = {
     "llava": ("LlavaForConditionalGeneration", "LlavaProcessor", "USER: <image>\nDescribe it. ASSISTANT:"),
@@ -102,3 +101,46 @@ def test_unknown_family_or_size_is_a_user_error(tmp_path, family, size):
     assert "\n" not in message
     assert repr(family if family not in FAMILIES else size) in message
     assert not (tmp_path / "model").exists()
+
+
+# Published sizes of the public checkpoints the 7b shapes copy (llava-hf model cards).
+FULL_SIZE_PARAMETERS = {"llava": 7.06e9, "llava-next": 7.57e9, "llava-onevision": 8.03e9}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_7b_shapes_are_the_public_checkpoints_counted_on_the_meta_device(family):
+    from loupe.workers.random_model import parameter_count, random_model_config
+
+    count = parameter_count(family, "7b")
+    assert count == pytest.approx(FULL_SIZE_PARAMETERS[family], rel=0.005)
+    config = random_model_config(family, "7b")
+    vision, text = config.vision_config, config.text_config
+    if family == "llava-onevision":  # SigLIP so400m/14-384 without its head, Qwen2-7B
+        assert (vision.hidden_size, vision.num_hidden_layers, vision.image_size) == (1152, 26, 384)
+        assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads, text.vocab_size) == (3584, 28, 4, 152128)
+    else:  # CLIP ViT-L/14-336, Llama-2-7B or Mistral-7B
+        assert (vision.hidden_size, vision.num_hidden_layers, vision.intermediate_size) == (1024, 24, 4096)
+        assert (vision.image_size, vision.patch_size) == (336, 14)
+        assert (text.hidden_size, text.num_hidden_layers, text.vocab_size) == (4096, 32, 32064)
+        assert text.num_key_value_heads == (32 if family == "llava" else 8)
+    if family == "llava":
+        assert (text.intermediate_size, config.projector_hidden_act, config.image_seq_length) == (11008, "gelu", 576)
+
+
+def test_7b_is_never_built_on_the_cpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UserError) as raised:
+        build_random_model(tmp_path / "model", "llava", "7b")
+    assert "GPU" in str(raised.value) and "\n" not in str(raised.value)
+    assert not (tmp_path / "model").exists()
+
+
+def test_parameter_count_matches_the_built_checkpoint(checkpoints):
+    from loupe.workers.random_model import parameter_count
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(checkpoints["llava-next"])
+    assert parameter_count("llava-next", "tiny") == sum(p.numel() for p in model.parameters())

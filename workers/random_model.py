@@ -67,34 +67,96 @@ _SHAPES: dict[str, ModelShape] = {
         max_tiles=2,
         onevision_max_patches=2,
     ),
-    # Real LLaVA-1.5-7B shapes would read:
-    #   VisionShape(hidden=1024, layers=24, heads=16, intermediate=4096, image_size=336),
-    #   TextShape(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab_size=32064),
-    #   max_tiles=3, onevision_max_patches=9, dtype="bfloat16"
 }
-SIZES = tuple(_SHAPES)
+
+# Full size: each family's public 7B checkpoint, layer for layer, in bfloat16 (about 14-16 GB).
+# Never built on the CPU: the weights are created on a GPU (see build_random_model).
+FULL_SIZE = "7b"
+_CLIP_L_336 = VisionShape(hidden=1024, layers=24, heads=16, intermediate=4096, image_size=336)
+_FULL_SHAPES: dict[str, ModelShape] = {
+    # llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14-336 and Llama-2-7B, two-layer GELU projector.
+    "llava": ModelShape(
+        vision=_CLIP_L_336,
+        text=TextShape(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab_size=32064),
+        max_tiles=3,
+        onevision_max_patches=9,
+        dtype="bfloat16",
+    ),
+    # llava-hf/llava-v1.6-mistral-7b-hf: the same tower, Mistral-7B (grouped-query attention),
+    # and LLaVA-NeXT's five anyres grids up to 3 tiles of 336 px.
+    "llava-next": ModelShape(
+        vision=_CLIP_L_336,
+        text=TextShape(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab_size=32064),
+        max_tiles=3,
+        onevision_max_patches=9,
+        dtype="bfloat16",
+    ),
+    # llava-hf/llava-onevision-qwen2-7b-ov-hf: SigLIP so400m/14-384 (26 layers, no head), Qwen2-7B,
+    # a 6x6 anyres grid pooled beyond 9 base images ("anyres_max_9").
+    "llava-onevision": ModelShape(
+        vision=VisionShape(hidden=1152, layers=26, heads=16, intermediate=4304, image_size=384),
+        text=TextShape(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab_size=152128),
+        max_tiles=6,
+        onevision_max_patches=9,
+        dtype="bfloat16",
+    ),
+}
+SIZES = (*_SHAPES, FULL_SIZE)
 
 
-def build_random_model(dest: str | Path, family: str, size: str = "tiny", seed: int = 0) -> Path:
+def model_shape(family: str, size: str) -> ModelShape:
+    """The shape table's row for `family` at `size`; UserError for an unknown family or size."""
+    if family not in FAMILIES:
+        raise UserError(
+            f"unknown model family {family!r}; choose one of: {', '.join((*FAMILIES, CLIP_FAMILY))}"
+        )
+    if size == FULL_SIZE:
+        return _FULL_SHAPES[family]
+    if size not in _SHAPES:
+        raise UserError(f"unknown model size {size!r}; choose one of: {', '.join(SIZES)}")
+    return _SHAPES[size]
+
+
+def random_model_config(family: str, size: str):
+    """The transformers config that build_random_model writes for `family` and `size` (no weights)."""
+    shape = model_shape(family, size)
+    tokenizer = _train_tokenizer(_TOKENIZERS[family])
+    return _build_config(family, shape, tokenizer, max(len(tokenizer), shape.text.vocab_size or 0))
+
+
+def parameter_count(family: str, size: str) -> int:
+    """Parameters of the random checkpoint of `family` and `size`, counted on the meta device (no memory)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    config = random_model_config(family, size)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_random_model(
+    dest: str | Path, family: str, size: str = "tiny", seed: int = 0, device: str | None = None
+) -> Path:
     """Write a random-weight checkpoint of `family` and `size` to `dest` and return `dest`.
 
     Config, safetensors weights, tokenizer, image processor and chat template are written
     with transformers' own save_pretrained, so the checkpoint loads with AutoProcessor and
     AutoModelForImageTextToText like any checkpoint from the hub ("clip": build_random_clip).
     The same arguments always produce the same files.
+
+    tiny and small are built on the CPU. The 7b size is created directly on a CUDA GPU in
+    bfloat16 (`device`, default the current GPU) and refused without one: its float32 copy
+    alone would be 28 GB of host memory.
     """
     if family == CLIP_FAMILY:
         return build_random_clip(dest, size, seed)
-    if family not in FAMILIES:
-        raise UserError(
-            f"unknown model family {family!r}; choose one of: {', '.join((*FAMILIES, CLIP_FAMILY))}"
-        )
-    if size not in _SHAPES:
-        raise UserError(f"unknown model size {size!r}; choose one of: {', '.join(SIZES)}")
+    shape = model_shape(family, size)
+    if size == FULL_SIZE:
+        return _build_full_size(Path(dest), family, shape, seed, device)
     import torch
     from transformers import AutoModelForImageTextToText
 
-    shape = _SHAPES[size]
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
 
@@ -109,6 +171,46 @@ def build_random_model(dest: str | Path, family: str, size: str = "tiny", seed: 
     _mute_unreadable_tokens(model, tokenizer)
     model.save_pretrained(dest)
     processor.save_pretrained(dest)
+    return dest
+
+
+def _build_full_size(dest: Path, family: str, shape: ModelShape, seed: int, device: str | None) -> Path:
+    """The 7B checkpoint, its weights created on the GPU in their saved dtype and never on the CPU."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    gigabytes = parameter_count(family, FULL_SIZE) * getattr(torch, shape.dtype).itemsize / 1e9
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"the {FULL_SIZE} checkpoint is built on a CUDA GPU (about {gigabytes:.0f} GB in {shape.dtype}) "
+            "and none is available here; use a GPU machine, or --size small on a CPU"
+        )
+    try:
+        target = torch.device(device or "cuda")
+    except RuntimeError as exc:
+        raise UserError(f"unknown device {device!r}; use e.g. cuda or cuda:1") from exc
+    if target.type != "cuda":
+        raise UserError(f"the {FULL_SIZE} checkpoint is built on a CUDA GPU, not on {device!r}")
+    target = torch.device("cuda", target.index if target.index is not None else torch.cuda.current_device())
+    free, _ = torch.cuda.mem_get_info(target)
+    if free < gigabytes * 1.1e9:
+        raise UserError(
+            f"the {FULL_SIZE} checkpoint needs about {gigabytes * 1.1:.0f} GB free on {target}, "
+            f"{free / 1e9:.0f} GB are free"
+        )
+    tokenizer = _train_tokenizer(_TOKENIZERS[family])
+    processor = _build_processor(family, shape, tokenizer)
+    config = _build_config(family, shape, tokenizer, max(len(tokenizer), shape.text.vocab_size or 0))
+    dest.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[target]), torch.device(target):
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, shape.dtype))
+    _mute_unreadable_tokens(model, tokenizer)
+    # Shards small enough that saving copies a few GB at a time to host memory, not the whole model.
+    model.save_pretrained(dest, max_shard_size="2GB")
+    processor.save_pretrained(dest)
+    del model
+    torch.cuda.empty_cache()
     return dest
 
 
@@ -130,7 +232,7 @@ def _mute_unreadable_tokens(model, tokenizer) -> None:
             token_id not in special and "\ufffd" not in text and any(c.isalnum() for c in text)
         )
     with torch.no_grad():
-        lm_head[~readable] = 0.0
+        lm_head[~readable.to(lm_head.device)] = 0.0
 
 
 # ---------------------------------------------------------------------------------------
