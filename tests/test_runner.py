@@ -146,8 +146,14 @@ def test_replica_killed_mid_job_is_restarted_and_its_shards_retried(sample_image
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / STATS_DIR).glob("*.json")) if (out / STATS_DIR).exists() else []) < 1:
         time.sleep(0.05)
-    # Ray titles an actor's process after its class.
-    (replica,) = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith("ray::Replica")]
+    # Ray titles an actor's process after its class; only this session's cluster (started by
+    # this process) counts, not another Ray job on the same machine.
+    ours = os.getpid()
+    (replica,) = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if (p.info["cmdline"] or [""])[0].startswith("ray::Replica") and ours in {a.pid for a in p.parents()}
+    ]
     os.kill(replica.pid, signal.SIGKILL)
     thread.join(timeout=300)
 
