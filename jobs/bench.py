@@ -688,11 +688,14 @@ def _batches(items: list, batch_size: int, shard_size: int) -> list[list]:
 def _model_alone(models: _Models, paths: list[Path], batch_size: int, shard_size: int, device) -> _Phase:
     import torch
     from loupe.workers.decode import decode_image
+    from loupe.workers.pipeline import models_decode_side
 
     captioner = models.captioner
     on_cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    batches = _batches([decode_image(path.read_bytes()) for path in paths], batch_size, shard_size)
+    side = models_decode_side(captioner, models.moderator, models.image_embedder)  # as the job decodes
+    images = [decode_image(path.read_bytes(), min_side=side) for path in paths]
+    batches = _batches(images, batch_size, shard_size)
     clock = _ForwardClock(captioner.model, sync)
     try:
         _run_models(models, _prepare(models, batches[0]), clock, Counter())  # warm-up, not counted

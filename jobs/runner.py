@@ -328,15 +328,18 @@ def _replica_classes():
 
         def __init__(self, config: JobConfig, device: str, threads: int | None) -> None:
             from loupe.workers.moderator import Moderator
+            from loupe.workers.torch_thread import on_torch_thread
 
             _setup(threads)
-            self.moderator = Moderator(config.judge, config.taxonomy, device=device)
+            # Both of its concurrent calls run the model on one thread (see torch_thread).
+            self.on_torch_thread = on_torch_thread
+            self.moderator = on_torch_thread(Moderator, config.judge, config.taxonomy, device=device)
 
         def ready(self) -> str:
             return ray.get_runtime_context().get_node_id()
 
         def score(self, images: list) -> list[dict[str, float]]:
-            return self.moderator(images)
+            return self.on_torch_thread(self.moderator, images)
 
     return Replica, ModerationReplica
 

@@ -198,3 +198,14 @@ def test_captioner_on_a_checkpoint_without_weights_is_a_user_error(checkpoints, 
 def test_captioner_rejects_an_unknown_dtype(checkpoints):
     with pytest.raises(UserError, match="unknown dtype"):
         Captioner(str(checkpoints["llava"]), device="cpu", dtype="float8")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_tokens_match_the_processor(captioner, images, family):
+    # The bucketing key: the image tokens of each prompt, from the size alone, as the processor counts them.
+    model = captioner(family)
+    image_token = model.processor.tokenizer.convert_tokens_to_ids(model.processor.image_token)
+    counted = [int((model.prepare([image])["input_ids"] == image_token).sum()) for image in images]
+    assert model.image_tokens([image.size for image in images]) == counted
+    if family in PADDED_FAMILIES:
+        assert len(set(counted)) > 1  # the sizes really give different lengths

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import threading
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from loupe.schemas.codes import ErrorCode
-from loupe.workers.decode import DecodeError, decode_image
+from loupe.workers.decode import DecodeError, decode_image, decode_sized, needed_side
 from poison import make_poison_corpus
 
 # pytest resets warning filters around each test; restore the one decode installs at import, so
@@ -124,3 +125,53 @@ def test_decoding_from_many_threads(corpus):
     for thread in threads:
         thread.join()
     assert failures == []
+
+
+def _jpeg(size: tuple[int, int], orientation: int | None = None) -> bytes:
+    image = Image.radial_gradient("L").resize(size).convert("RGB")
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90, exif=exif.tobytes())
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("size", "min_side", "decoded"),
+    [
+        ((1600, 1200), 224, (400, 300)),  # a quarter still covers 224 on both sides
+        ((1600, 1200), 336, (800, 600)),  # a quarter would leave 300 < 336: a half
+        ((640, 480), 336, (640, 480)),  # no smaller scale keeps 336: in full
+        ((1600, 1200), None, (1600, 1200)),
+    ],
+)
+def test_jpeg_decoded_at_the_smallest_scale_that_covers_min_side(size, min_side, decoded):
+    image, full = decode_sized(_jpeg(size), min_side=min_side)
+    assert image.mode == "RGB" and image.size == decoded and full == size
+
+
+def test_reduced_decode_reports_the_oriented_full_size():
+    # EXIF orientation 6: stored 1600x1200, shown turned a quarter, 1200x1600.
+    image, full = decode_sized(_jpeg((1600, 1200), orientation=6), min_side=224)
+    assert full == (1200, 1600) and image.size == (300, 400)
+
+
+def test_min_side_leaves_other_formats_alone():
+    out = io.BytesIO()
+    Image.new("RGB", (900, 700), "red").save(out, "PNG")
+    image, full = decode_sized(out.getvalue(), min_side=100)
+    assert image.size == full == (900, 700)
+
+
+def test_needed_side_follows_the_processor():
+    from types import SimpleNamespace
+
+    crop = SimpleNamespace(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    assert needed_side(crop) == 336
+    anyres = SimpleNamespace(size={"shortest_edge": 336}, image_grid_pinpoints=[[336, 672], [1008, 336]])
+    assert needed_side(anyres) == 1008
+    square = SimpleNamespace(size={"height": 384, "width": 384})
+    assert needed_side(square) == 384
+    assert needed_side(SimpleNamespace(size={"longest_edge": 1024})) is None  # rule unknown: in full
+    assert needed_side(SimpleNamespace()) is None

@@ -2,9 +2,11 @@
 
 import io
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from loupe.schemas.config import JobConfig
 from loupe.schemas.manifest import ShardStats, part_path, stats_path
@@ -111,8 +113,18 @@ def test_real_tiny_model_captions(sample_images, tmp_path, tiny_llava):
     assert all(0.0 <= v <= 1.0 for r in ok for v in r["moderation"].values())
     assert {r["moderation_model"] for r in ok} == {tiny_llava}
     assert rows[3]["moderation"] is None and rows[3]["flagged"] is None
+    # JPEGs were decoded at a reduced scale that still covers the 28-pixel model input; the rows
+    # give the full size.
+    assert processor.decode_side == 28
+    for row in ok:
+        with Image.open(sample_images / Path(row["source_uri"]).name) as full:
+            assert (row["width"], row["height"]) == full.size
     # and its scores are those of the whole moderation prompt run on its own, per category
-    images = [decode_image((sample_images / name).read_bytes()) for name in names if name != "broken-empty.jpg"]
+    images = [
+        decode_image((sample_images / name).read_bytes(), min_side=processor.decode_side)
+        for name in names
+        if name != "broken-empty.jpg"
+    ]
     reference = processor.moderator.score_independent(images)
     for row, expected in zip(ok, reference, strict=True):
         assert row["moderation"] == pytest.approx(expected, abs=1e-4)
@@ -251,3 +263,36 @@ def test_embedding_columns(sample_images, tmp_path, text_column):
     else:
         assert texts.seen == [rows[0]["caption"], rows[1]["caption"]]
         assert rows[1]["caption_embedding"] == [len(rows[1]["caption"]), 1.0]
+
+
+class LengthCaptioner(SizeCaptioner):
+    """A SizeCaptioner whose prompt length is the image's width, as anyres makes it depend on size."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def image_tokens(self, sizes):
+        return [w for w, _ in sizes]
+
+    def generate(self, sizes):
+        self.batches.append([w for w, _ in sizes])
+        return super().generate(sizes)
+
+
+def test_batches_are_bucketed_by_prompt_length_and_rows_keep_source_order(tmp_path):
+    from loupe.workers import pipeline
+
+    widths = [40, 90, 40, 90, 60, 40, 90, 60, 60, 40, 90, 60, 50]
+    for i, width in enumerate(widths):
+        Image.new("RGB", (width, 30), "blue").save(tmp_path / f"img-{i:02d}.png")
+    names = [f"img-{i:02d}.png" for i in range(len(widths))]
+    captioner = LengthCaptioner()
+    out = tmp_path / "out"
+    processor = ShardProcessor(_config(tmp_path, out, batch_size=4), captioner=captioner)
+    processor.process(_shard(tmp_path, names))
+    window = pipeline.BUCKET_BATCHES * 4  # 16 > 13 images: one window, sorted by length
+    assert window >= len(widths)
+    assert captioner.batches == [[40, 40, 40, 40], [50, 60, 60, 60], [60, 90, 90, 90], [90]]
+    rows = pq.read_table(out / part_path(3)).to_pylist()
+    assert [r["caption"] for r in rows] == [f"{w}x30" for w in widths]

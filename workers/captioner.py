@@ -188,6 +188,19 @@ class Captioner:
                     inputs[key] = value.pin_memory()
         return inputs
 
+    def image_tokens(self, sizes: list[tuple[int, int]]) -> list[int] | None:
+        """Tokens each image of (width, height) takes in the prompt, by the processor's own arithmetic.
+
+        No pixels are touched. None where the processor cannot say (then batches are not bucketed).
+        """
+        count = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        if count is None:
+            return None
+        try:
+            return [int(n) for n in count(image_sizes=[(height, width) for width, height in sizes]).num_image_tokens]
+        except Exception:  # a processor whose arithmetic needs more than the size: no bucketing
+            return None
+
     def generate(self, inputs: BatchFeature) -> list[str]:
         """Greedy-decode prepared inputs on the device; one stripped caption per image."""
         return self.generate_encoded(inputs)[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from typing import Any
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -38,8 +39,18 @@ class DecodeError(Exception):
         self.message = message
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode to a fully loaded RGB image (first frame, EXIF orientation applied)."""
+def decode_image(data: bytes, *, min_side: int | None = None) -> Image.Image:
+    """Decode to a fully loaded RGB image (first frame, EXIF orientation applied).
+
+    With `min_side`, a JPEG larger than needed is decoded at a reduced scale (libjpeg's DCT
+    scaling, 1/2 to 1/8) that keeps both sides at least `min_side`: a fraction of the work for
+    a camera photo headed for a 336-pixel model input. See decode_sized for the original size.
+    """
+    return decode_sized(data, min_side=min_side)[0]
+
+
+def decode_sized(data: bytes, *, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """decode_image, and the image's full (width, height) as oriented, whatever scale it was decoded at."""
     if not data:
         raise DecodeError(ErrorCode.EMPTY, "zero bytes")
     try:
@@ -50,21 +61,47 @@ def decode_image(data: bytes) -> Image.Image:
         raise DecodeError(ErrorCode.DECOMPRESSION_BOMB, _one_line(exc)) from None
     except Exception as exc:  # a plugin choking on a damaged header
         raise DecodeError(ErrorCode.TRUNCATED, f"corrupt header ({_one_line(exc)})") from None
-    _check_dimensions(*im.size)
+    header = im.size
+    _check_dimensions(*header)
+    if min_side:
+        # Both sides kept at min_side or more, so a 90-degree EXIF turn cannot leave one short.
+        im.draft(None, (min_side, min_side))  # JPEG only; a no-op for every other format
     try:
         im.load()  # the first frame only: animations are not advanced
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError(ErrorCode.DECOMPRESSION_BOMB, _one_line(exc)) from None
     except Exception as exc:  # OSError "image file is truncated", broken zlib/JPEG data, ...
         raise DecodeError(ErrorCode.TRUNCATED, f"corrupt or truncated data ({_one_line(exc)})") from None
+    loaded = im.size
     with contextlib.suppress(Exception):  # a malformed EXIF block must not cost a good image
         ImageOps.exif_transpose(im, in_place=True)
+    size = header if im.size == loaded else (header[1], header[0])
     try:
-        return _to_rgb(im)
+        return _to_rgb(im), size
     except Exception as exc:  # a pixel mode Pillow cannot convert
         raise DecodeError(
             ErrorCode.UNSUPPORTED_FORMAT, f"cannot convert mode {im.mode} ({_one_line(exc)})"
         ) from None
+
+
+def needed_side(image_processor: Any) -> int | None:
+    """The shortest side an image can be decoded at without changing what this processor does with it.
+
+    A processor that scales the shorter side to S and crops (LLaVA-1.5, CLIP) or resizes to S x S
+    needs S pixels a side; an anyres one (LLaVA-NeXT, OneVision) needs its largest grid's side,
+    since both its choice of grid and the tiles it cuts depend on the full resolution up to that.
+    None where the rule is unknown (a longest-edge or pixel-budget processor): decode in full.
+    """
+    sides = [max(pinpoint) for pinpoint in getattr(image_processor, "image_grid_pinpoints", None) or ()]
+    for attribute in ("size", "crop_size"):
+        spec = getattr(image_processor, attribute, None)
+        if spec is None:
+            continue
+        read = spec.get if isinstance(spec, dict) else (lambda key, spec=spec: getattr(spec, key, None))
+        if any(read(key) for key in ("longest_edge", "max_height", "max_width", "min_pixels", "max_pixels")):
+            return None
+        sides += [value for key in ("shortest_edge", "height", "width") if (value := read(key))]
+    return max(sides) if sides else None
 
 
 def _check_dimensions(width: int, height: int) -> None:

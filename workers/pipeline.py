@@ -1,8 +1,12 @@
 """The per-shard pipeline: read, decode, caption, write the part, then mark the shard done.
 
-Plain Python with no Ray import: a unit test runs it in-process, a Ray actor wraps it. Fetching,
-decoding and preprocessing run on a producer thread (decoding on a small thread pool) while
-the calling thread keeps the model busy; a bounded queue between them caps memory.
+Plain Python with no Ray import: a unit test runs it in-process, a Ray actor wraps it. A
+producer thread fetches the shard's images (concurrently, see reader), has them decoded on a
+small thread pool (JPEGs at the smallest scale the models' inputs allow), groups them a few
+batches at a time by prompt length and prepares the batches; a bounded queue hands them to the
+models, which run on the process's single torch thread (see torch_thread). On a GPU replica the
+producer works while the model generates; on a CPU replica, whose model already keeps every
+core busy, decoding and preprocessing take their turn on the torch thread between batches.
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ import os
 import queue
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -27,13 +31,19 @@ from loupe.schemas.manifest import ShardStats
 from loupe.schemas.plan import Shard
 from loupe.schemas.rows import RowStatus, output_schema
 from loupe.workers.captioner import Captioner
-from loupe.workers.decode import DecodeError, decode_image
+from loupe.workers.decode import DecodeError, decode_sized, needed_side
 from loupe.workers.reader import Sample, read_shard
 from loupe.workers.storage import open_storage
+from loupe.workers.torch_thread import on_torch_thread
 from loupe.workers.writer import write_part, write_stats
+
+T = TypeVar("T")
 
 # Batches prepared ahead of the model: one generating, one ready, one being prepared.
 _PREFETCH_BATCHES = 2
+# Decoded images are grouped this many batches at a time by their prompt's length, so that a
+# batch pads little (anyres models give each aspect ratio and size its own image token count).
+BUCKET_BATCHES = 4
 
 
 @dataclass
@@ -43,6 +53,7 @@ class _Item:
     seq: int
     sample: Sample
     image: Image.Image | None = None
+    size: tuple[int, int] | None = None  # the full image's (width, height), whatever scale it was decoded at
     error: tuple[ErrorCode, str] | None = None
 
 
@@ -104,24 +115,9 @@ class ShardProcessor:
     ) -> None:
         """Load the models the job's tasks need; tests and remote judges pass their own."""
         self.config = config
-        if config.captions and captioner is None:
-            captioner = Captioner(
-                config.model,
-                prompt=config.prompt,
-                max_new_tokens=config.max_new_tokens,
-                min_new_tokens=config.min_new_tokens,
-                device=device,
-            )
-        if config.moderates and moderator is None:
-            from loupe.workers.moderator import Moderator
-
-            moderator = Moderator(config.judge, config.taxonomy, device=device, share=captioner)
-        if config.embeds:
-            from loupe.workers.embedder import ImageEmbedder, TextEmbedder, resolve_text_model
-
-            image_embedder = image_embedder or ImageEmbedder(config.image_embedding_model, device=device)
-            if text_embedder is None and (config.captions or config.text_column):
-                text_embedder = TextEmbedder(resolve_text_model(config.text_embedding_model), device=device)
+        captioner, moderator, image_embedder, text_embedder = on_torch_thread(
+            _load_models, config, device, captioner, moderator, image_embedder, text_embedder
+        )
         self.captioner = captioner if config.captions else None
         self.moderator = moderator if config.moderates else None
         self.image_embedder = image_embedder if config.embeds else None
@@ -136,7 +132,13 @@ class ShardProcessor:
         # values from the caption's KV cache: no second encoding, no moderation inputs to prepare.
         reads_prefix_of = getattr(self.moderator, "reads_prefix_of", None)
         self._moderation_reads_cache = bool(reads_prefix_of and reads_prefix_of(self.captioner))
-        self._model_lock = threading.Lock()
+        # JPEGs are decoded at the smallest scale that leaves the models' inputs unchanged.
+        self.decode_side = models_decode_side(self.captioner, self.moderator, self.image_embedder)
+        # The models run on the process's torch thread (see torch_thread), one batch at a time.
+        # Models on the CPU already use every core: decoding and preprocessing beside them would only
+        # preempt their threads (a matrix product waits for its slowest thread), so on the CPU those
+        # take turns with the models on that thread too, instead of overlapping them.
+        self._take_turns = _on_cpu(self.captioner, self.moderator, self.image_embedder, self.text_embedder)
         self._decode_pool = ThreadPoolExecutor(
             max_workers=decode_threads or min(8, (os.cpu_count() or 2)),
             thread_name_prefix="loupe-decode",
@@ -204,50 +206,63 @@ class ShardProcessor:
         self, shard: Shard, batches: queue.Queue, errors: list[_Item], timings: _Timings
     ) -> None:
         try:
-            batch: list[_Item] = []
-            for item in self._decoded(shard, timings):
-                if item.error is not None:
-                    errors.append(item)
-                    continue
-                batch.append(item)
-                if len(batch) == self.config.batch_size:
-                    batches.put(self._prepare(batch, timings))
-                    batch = []
-            if batch:
-                batches.put(self._prepare(batch, timings))
+            for window in _chunked(self._fetched(shard, timings), BUCKET_BATCHES * self.config.batch_size):
+                prepared = self._in_turn(self._prepare_window, window, errors, timings)
+                for batch in prepared:
+                    batches.put(batch)
             batches.put(_DONE)
         except BaseException as exc:  # handed to the consumer, which fails the shard
             batches.put(_Failed(exc))
 
-    def _decoded(self, shard: Shard, timings: _Timings) -> Iterator[_Item]:
-        """Samples decoded on the pool, yielded in source order with a bounded window."""
-        window = 2 * self.config.batch_size
-        pending: deque = deque()
+    def _in_turn(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) between the models' batches on a CPU replica; at once, on this thread, on a GPU."""
+        return on_torch_thread(fn, *args) if self._take_turns else fn(*args)
+
+    def _prepare_window(self, window: list[_Item | Future[_Item]], errors: list[_Item], timings: _Timings) -> list[_Batch]:
+        """Decode the window's images (on a GPU replica they were decoded as they arrived), then bucket and prepare them."""
+        if self._take_turns:
+            items = list(self._decode_pool.map(lambda item: self._decode(item, self.decode_side, timings), window))
+        else:
+            items = [item.result() for item in window]
+        ready = []
+        for item in items:
+            (errors if item.error is not None else ready).append(item)
+        return [self._prepare(batch, timings) for batch in self._bucketed(ready)]
+
+    def _fetched(self, shard: Shard, timings: _Timings) -> Iterator[_Item | Future[_Item]]:
+        """The shard's samples in source order: items to decode, or (on a GPU) their decoding already under way."""
         samples = read_shard(shard, self._input, image_column=self.config.image_column)
         for seq in itertools.count():
             t0 = time.perf_counter()
             sample = next(samples, None)
             timings.add("fetch", time.perf_counter() - t0)
             if sample is None:
-                break
-            pending.append(self._decode_pool.submit(self._decode, _Item(seq, sample), timings))
-            while len(pending) > window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+                return
+            item = _Item(seq, sample)
+            yield item if self._take_turns else self._decode_pool.submit(self._decode, item, self.decode_side, timings)
 
     @staticmethod
-    def _decode(item: _Item, timings: _Timings) -> _Item:
+    def _decode(item: _Item, side: int | None, timings: _Timings) -> _Item:
         if item.sample.error is not None:
             item.error = item.sample.error
             return item
         t0 = time.perf_counter()
         try:
-            item.image = decode_image(item.sample.data or b"")
+            item.image, item.size = decode_sized(item.sample.data or b"", min_side=side)
         except DecodeError as exc:
             item.error = (exc.code, exc.message)
         timings.add("decode", time.perf_counter() - t0)
         return item
+
+    def _bucketed(self, items: list[_Item]) -> list[list[_Item]]:
+        """Batches of the items, those whose prompts are about as long together; rows keep source order anyway."""
+        size = self.config.batch_size
+        image_tokens = getattr(self.captioner, "image_tokens", None)
+        if image_tokens is not None and len(items) > size:
+            lengths = image_tokens([item.image.size for item in items])
+            if lengths is not None:  # a stable sort: equal lengths keep their order
+                items = [item for _, item in sorted(zip(lengths, items, strict=True), key=lambda pair: pair[0])]
+        return [items[i : i + size] for i in range(0, len(items), size)]
 
     def _prepare(self, items: list[_Item], timings: _Timings) -> _Batch:
         images = [item.image for item in items]
@@ -268,33 +283,35 @@ class ShardProcessor:
     # -- consumer: the models --------------------------------------------------------------
 
     def _run_models(self, batch: _Batch, timings: _Timings) -> list[_Result]:
+        return on_torch_thread(self._run_models_here, batch, timings)
+
+    def _run_models_here(self, batch: _Batch, timings: _Timings) -> list[_Result]:
         results = [_Result(item, None, None) for item in batch.items]
-        with self._model_lock:
-            encoded = None
-            if self.captioner is not None:
-                t0 = time.perf_counter()
-                if self._moderation_reads_cache:
-                    captions, encoded = self.captioner.generate_encoded(batch.caption_inputs)
-                else:
-                    captions = self.captioner.generate(batch.caption_inputs)
-                for result, caption in zip(results, captions, strict=True):
-                    result.caption = caption
-                timings.add("generate", time.perf_counter() - t0)
-            if self.moderator is not None:
-                t0 = time.perf_counter()
-                if self._moderation_reads_cache:
-                    scores = self.moderator.score_encoded(encoded)
-                else:
-                    scores = self.moderator.score(batch.moderation_inputs)
-                for result, scores in zip(results, scores, strict=True):
-                    result.scores = scores
-                timings.add("moderate", time.perf_counter() - t0)
-            if self.image_embedder is not None:
-                t0 = time.perf_counter()
-                for result, vector in zip(results, self.image_embedder.embed(batch.embedding_inputs), strict=True):
-                    result.image_embedding = vector
-                self._embed_texts(results)
-                timings.add("embed", time.perf_counter() - t0)
+        encoded = None
+        if self.captioner is not None:
+            t0 = time.perf_counter()
+            if self._moderation_reads_cache:
+                captions, encoded = self.captioner.generate_encoded(batch.caption_inputs)
+            else:
+                captions = self.captioner.generate(batch.caption_inputs)
+            for result, caption in zip(results, captions, strict=True):
+                result.caption = caption
+            timings.add("generate", time.perf_counter() - t0)
+        if self.moderator is not None:
+            t0 = time.perf_counter()
+            if self._moderation_reads_cache:
+                scores = self.moderator.score_encoded(encoded)
+            else:
+                scores = self.moderator.score(batch.moderation_inputs)
+            for result, scores in zip(results, scores, strict=True):
+                result.scores = scores
+            timings.add("moderate", time.perf_counter() - t0)
+        if self.image_embedder is not None:
+            t0 = time.perf_counter()
+            for result, vector in zip(results, self.image_embedder.embed(batch.embedding_inputs), strict=True):
+                result.image_embedding = vector
+            self._embed_texts(results)
+            timings.add("embed", time.perf_counter() - t0)
         return results
 
     def _embed_texts(self, results: list[_Result]) -> None:
@@ -325,7 +342,7 @@ class ShardProcessor:
         last: Exception | None = None
         for item in items:
             try:
-                prepared = self._prepare([item], timings)
+                prepared = self._in_turn(self._prepare, [item], timings)
                 if prepared.error is not None:
                     raise prepared.error
                 done += self._run_models(prepared, timings)
@@ -355,11 +372,11 @@ class ShardProcessor:
 
     def _ok_row(self, shard: Shard, result: _Result) -> dict[str, Any]:
         item = result.item
-        assert item.image is not None
+        assert item.size is not None
         row = self._base_row(shard, item) | {
             "status": RowStatus.OK.value,
-            "width": item.image.width,
-            "height": item.image.height,
+            "width": item.size[0],
+            "height": item.size[1],
             "caption": result.caption,
             "image_embedding": result.image_embedding,
             "caption_embedding": result.caption_embedding,
@@ -383,6 +400,55 @@ class ShardProcessor:
             "error_code": code.value,
             "error_message": message,
         }
+
+
+def _load_models(
+    config: JobConfig, device: str | None, captioner: Any, moderator: Any, image_embedder: Any, text_embedder: Any
+) -> tuple[Any, Any, Any, Any]:
+    """The models the job's tasks need, those not passed in loaded here (on the torch thread)."""
+    if config.captions and captioner is None:
+        captioner = Captioner(
+            config.model,
+            prompt=config.prompt,
+            max_new_tokens=config.max_new_tokens,
+            min_new_tokens=config.min_new_tokens,
+            device=device,
+        )
+    if config.moderates and moderator is None:
+        from loupe.workers.moderator import Moderator
+
+        moderator = Moderator(config.judge, config.taxonomy, device=device, share=captioner)
+    if config.embeds:
+        from loupe.workers.embedder import ImageEmbedder, TextEmbedder, resolve_text_model
+
+        image_embedder = image_embedder or ImageEmbedder(config.image_embedding_model, device=device)
+        if text_embedder is None and (config.captions or config.text_column):
+            text_embedder = TextEmbedder(resolve_text_model(config.text_embedding_model), device=device)
+    return captioner, moderator, image_embedder, text_embedder
+
+
+def _chunked(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+def _on_cpu(*models: Any) -> bool:
+    """Whether any of the models runs on the CPU (a test's stand-in without a device does not)."""
+    return any(getattr(getattr(model, "device", None), "type", None) == "cpu" for model in models)
+
+
+def models_decode_side(*models: Any) -> int | None:
+    """The side images can be decoded down to for every model that reads them; None: decode in full."""
+    sides = []
+    for model in models:
+        if model is None:
+            continue
+        processor = getattr(getattr(model, "processor", None), "image_processor", None)
+        side = needed_side(processor) if processor is not None else None
+        if side is None:
+            return None
+        sides.append(side)
+    return max(sides, default=None)
 
 
 def _one_line(exc: BaseException | None) -> str:

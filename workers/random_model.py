@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from loupe.schemas.errors import UserError
@@ -73,23 +73,21 @@ _SHAPES: dict[str, ModelShape] = {
 # Never built on the CPU: the weights are created on a GPU (see build_random_model).
 FULL_SIZE = "7b"
 _CLIP_L_336 = VisionShape(hidden=1024, layers=24, heads=16, intermediate=4096, image_size=336)
+# llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14-336 and Llama-2-7B, two-layer GELU projector.
+_LLAVA_7B = ModelShape(
+    vision=_CLIP_L_336,
+    text=TextShape(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab_size=32064),
+    max_tiles=3,
+    onevision_max_patches=9,
+    dtype="bfloat16",
+)
 _FULL_SHAPES: dict[str, ModelShape] = {
-    # llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14-336 and Llama-2-7B, two-layer GELU projector.
-    "llava": ModelShape(
-        vision=_CLIP_L_336,
-        text=TextShape(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab_size=32064),
-        max_tiles=3,
-        onevision_max_patches=9,
-        dtype="bfloat16",
-    ),
+    "llava": _LLAVA_7B,
     # llava-hf/llava-v1.6-mistral-7b-hf: the same tower, Mistral-7B (grouped-query attention),
     # and LLaVA-NeXT's five anyres grids up to 3 tiles of 336 px.
-    "llava-next": ModelShape(
-        vision=_CLIP_L_336,
+    "llava-next": replace(
+        _LLAVA_7B,
         text=TextShape(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab_size=32064),
-        max_tiles=3,
-        onevision_max_patches=9,
-        dtype="bfloat16",
     ),
     # llava-hf/llava-onevision-qwen2-7b-ov-hf: SigLIP so400m/14-384 (26 layers, no head), Qwen2-7B,
     # a 6x6 anyres grid pooled beyond 9 base images ("anyres_max_9").
