@@ -54,9 +54,10 @@ from loupe.schemas.errors import UserError  # noqa: E402
 DEVICES = ("cpu", "cuda")
 SOURCES = ("local", "s3")
 # Defaults: 64-token captions as in the issue's H100 reference; sized so that `--size small` takes
-# a few minutes on a 2-core CPU.
-DEFAULT_IMAGES = 128
-DEFAULT_BATCH_SIZE = 16
+# a couple of minutes on a 2-core CPU. Batches of 32: on the CPU, 16 left the decoding steps
+# bound by reading the weights (110 against 89 ms per image for the model, docs/benchmarks.md).
+DEFAULT_IMAGES = 256
+DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_NAIVE_IMAGES = 16
 _BUCKET = "loupe-bench"
@@ -676,12 +677,16 @@ def _run_models(models: _Models, prepared: _Prepared, clock: _ForwardClock, stag
         stages["embed"] += time.perf_counter() - t0
 
 
-def _batches(items: list, batch_size: int, shard_size: int) -> list[list]:
-    """The job's batches: shards of shard_size in listing order, each cut into batch_size pieces."""
+def _batches(images: list, batch_size: int, shard_size: int, captioner: Any = None) -> list[list]:
+    """The job's batches: shards of shard_size in listing order, each bucketed by prompt length as the pipeline does."""
+    from loupe.workers.pipeline import BUCKET_BATCHES, bucketed
+
     batches = []
-    for start in range(0, len(items), shard_size):
-        shard = items[start : start + shard_size]
-        batches += [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)]
+    for start in range(0, len(images), shard_size):
+        shard = images[start : start + shard_size]
+        for first in range(0, len(shard), BUCKET_BATCHES * batch_size):
+            window = shard[first : first + BUCKET_BATCHES * batch_size]
+            batches += bucketed(window, [image.size for image in window], batch_size, captioner)
     return batches
 
 
@@ -695,7 +700,7 @@ def _model_alone(models: _Models, paths: list[Path], batch_size: int, shard_size
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     side = models_decode_side(captioner, models.moderator, models.image_embedder)  # as the job decodes
     images = [decode_image(path.read_bytes(), min_side=side) for path in paths]
-    batches = _batches(images, batch_size, shard_size)
+    batches = _batches(images, batch_size, shard_size, captioner)
     clock = _ForwardClock(captioner.model, sync)
     try:
         _run_models(models, _prepare(models, batches[0]), clock, Counter())  # warm-up, not counted

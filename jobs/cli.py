@@ -161,8 +161,8 @@ def demo(
 def bench(
     family: Annotated[str, typer.Option(help="llava, llava-next or llava-onevision.")] = "llava",
     size: Annotated[str, typer.Option(help="tiny, small (CPU-sized) or 7b (the family's 7B shape; GPU).")] = "small",
-    images: Annotated[int, typer.Option(help="Generated JPEGs of varied sizes to caption.")] = 128,
-    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 16,
+    images: Annotated[int, typer.Option(help="Generated JPEGs of varied sizes to caption.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 32,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per caption, fixed (minimum = maximum).")] = 64,
     tasks: Annotated[str, typer.Option(help="Comma-separated: caption, moderate, embed.")] = "caption",
     source: Annotated[str, typer.Option(help="local folder, or s3 (a loopback S3 endpoint started for the run).")] = "local",

@@ -137,5 +137,21 @@ def test_photos_are_varied_realistic_jpegs_and_reproducible(tmp_path):
     assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]
 
 
-def test_batches_follow_shards_like_the_job():
-    assert _batches(list(range(10)), 3, 5) == [[0, 1, 2], [3, 4], [5, 6, 7], [8, 9]]
+class _Image:
+    def __init__(self, width):
+        self.size = (width, 10)
+
+
+class _Counter:
+    """Prompt length = image width, as anyres makes it depend on the size."""
+
+    def image_tokens(self, sizes):
+        return [w for w, _ in sizes]
+
+
+def test_batches_follow_shards_and_buckets_like_the_job():
+    images = [_Image(w) for w in (5, 1, 4, 2, 3, 9, 8, 7, 6, 0)]
+    widths = lambda batches: [[image.size[0] for image in batch] for batch in batches]  # noqa: E731
+    assert widths(_batches(images, 3, 5)) == [[5, 1, 4], [2, 3], [9, 8, 7], [6, 0]]
+    # shards of 5 (windows of BUCKET_BATCHES * 3 hold a whole shard), sorted within each
+    assert widths(_batches(images, 3, 5, _Counter())) == [[1, 2, 3], [4, 5], [0, 6, 7], [8, 9]]

@@ -255,14 +255,7 @@ class ShardProcessor:
         return item
 
     def _bucketed(self, items: list[_Item]) -> list[list[_Item]]:
-        """Batches of the items, those whose prompts are about as long together; rows keep source order anyway."""
-        size = self.config.batch_size
-        image_tokens = getattr(self.captioner, "image_tokens", None)
-        if image_tokens is not None and len(items) > size:
-            lengths = image_tokens([item.image.size for item in items])
-            if lengths is not None:  # a stable sort: equal lengths keep their order
-                items = [item for _, item in sorted(zip(lengths, items, strict=True), key=lambda pair: pair[0])]
-        return [items[i : i + size] for i in range(0, len(items), size)]
+        return bucketed(items, [item.image.size for item in items], self.config.batch_size, self.captioner)
 
     def _prepare(self, items: list[_Item], timings: _Timings) -> _Batch:
         images = [item.image for item in items]
@@ -425,6 +418,20 @@ def _load_models(
         if text_embedder is None and (config.captions or config.text_column):
             text_embedder = TextEmbedder(resolve_text_model(config.text_embedding_model), device=device)
     return captioner, moderator, image_embedder, text_embedder
+
+
+def bucketed(items: list[T], sizes: list[tuple[int, int]], batch_size: int, captioner: Any) -> list[list[T]]:
+    """Batches of the items (images of these sizes), those whose prompts are about as long together.
+
+    The captioner counts each image's prompt tokens from its size; equal lengths keep their
+    order, and with no captioner, or one that cannot count, the order is kept.
+    """
+    image_tokens = getattr(captioner, "image_tokens", None)
+    if image_tokens is not None and len(items) > batch_size:
+        lengths = image_tokens(sizes)
+        if lengths is not None:
+            items = [item for _, item in sorted(zip(lengths, items, strict=True), key=lambda pair: pair[0])]
+    return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
 
 def _chunked(items: Iterator[Any], size: int) -> Iterator[list[Any]]:

@@ -60,9 +60,13 @@ _SHAPES: dict[str, ModelShape] = {
         max_tiles=3,
         onevision_max_patches=4,
     ),
-    # For CPU benchmarks: large enough that the model, not I/O, dominates the time per image.
+    # For CPU benchmarks: large enough that the model, not I/O, dominates the time per image, and
+    # with a 7B-on-a-GPU balance of work: there, one image's prefill (576 image tokens) costs about
+    # 1/20 of decoding 64 tokens one image at a time, since a GPU computes some 300 times faster
+    # than it reads memory; a CPU only some 10 times, so the prompt is shorter to keep that
+    # balance (224-pixel input in 28-pixel patches: 64 image tokens; docs/benchmarks.md).
     "small": ModelShape(
-        vision=VisionShape(hidden=384, layers=4, heads=6, intermediate=1536, image_size=224),
+        vision=VisionShape(hidden=384, layers=4, heads=6, intermediate=1536, image_size=224, patch_size=28),
         text=TextShape(hidden=512, layers=4, heads=8, kv_heads=8, intermediate=1376),
         max_tiles=2,
         onevision_max_patches=2,
