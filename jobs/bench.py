@@ -12,8 +12,8 @@ exactly T tokens long (min = max new tokens), measures:
    stats writes), timed from the first shard's start to the last shard's end (ShardStats
    started_at / finished_at): Ray start-up and model loading are not counted;
 2. the model alone: the same images decoded and prepared beforehand (outside the clock), the
-   same batches, the calls ShardProcessor._run_models makes, after one warm-up batch;
-3. pipeline efficiency = (1) / (2);
+   same batches, through the same ShardProcessor calls (run_batch), after one warm-up batch;
+3. pipeline efficiency = (1) / (2) (with --repeats, the median of each turn's ratio);
 4. naive: one image at a time, as a plain transformers script does it (read, PIL, AutoProcessor,
    generate, decode), the same weights, dtype and greedy settings; the speed-up of (1) over it;
 5. seconds per image per stage: fetch, decode, preprocess, generate, moderate, embed and write
@@ -71,15 +71,15 @@ _PHOTO_SIZES = (
 # The stages of the breakdown, in the order an image meets them, and where each is measured.
 STAGES = {
     "fetch": "job: reading the object (summed over fetch threads, overlaps the model)",
-    "decode": "job: bytes to RGB (summed over decode threads, overlaps the model)",
-    "preprocess": "job: chat template, tokenizer, image processor (producer thread, overlaps the model)",
+    "decode": "job: bytes to RGB (summed over decode threads; overlaps a GPU model, takes turns with a CPU one)",
+    "preprocess": "job: chat template, tokenizer, image processor (overlaps a GPU model, takes turns with a CPU one)",
     "vision_tower": "model alone: the vision tower's forward (hook)",
     "prefill": "model alone: the first forward of generate without the vision tower (projector, merge, prompt)",
     "decode_steps": "model alone: every later forward of generate (one new token each)",
     "generate_other": "model alone: generate's own work between forwards, detokenizing",
     "moderate": "model alone: Moderator.score",
     "embed": "model alone: image and caption embeddings",
-    "write": "job: Parquet part and stats record (model thread)",
+    "write": "job: Parquet part and stats record (the shard's thread, overlaps the next shard's model work)",
 }
 
 
@@ -141,7 +141,7 @@ class _Phase:
 
 def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Build, generate, run all three ways and return every figure as plain data (see the module doc)."""
-    import torch
+    from loupe.workers.torch_thread import on_torch_thread
 
     tasks = _validate(options)
     device = _device(options.device)
@@ -167,7 +167,7 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda _: None
                     log(f"end to end{turn}: {options.images} images through run_job from {options.source}, one replica")
                     e2e.append(_end_to_end(options, tasks, model, clip, input_uri, endpoint_url, work, shard_size))
                     with _torch_threads(threads):
-                        models = models or _load_models(options, tasks, model, clip, device)
+                        models = models or _load_models(options, tasks, model, clip, work, shard_size, device)
                         log(f"model alone{turn}: the same batches, prepared beforehand")
                         alone.append(_model_alone(models, paths, options.batch_size, shard_size, device))
             finally:
@@ -177,7 +177,8 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda _: None
                     ray.shutdown()
             with _torch_threads(threads):
                 log(f"naive: {naive_images} images one at a time through plain transformers")
-                naive = _naive(models, model, paths[:naive_images], fetch, options.max_new_tokens, device)
+                # On the torch thread too: one OpenMP team in this process (see workers/torch_thread.py).
+                naive = on_torch_thread(_naive, models, model, paths[:naive_images], fetch, options.max_new_tokens, device)
         return _report(options, tasks, device, parameters, models, paths, shard_size, threads, e2e, alone, naive)
 
 
@@ -484,24 +485,19 @@ def _replica_threads(device) -> int | None:
     return max(1, math.floor(round(min(node_cpus, ray.cluster_resources().get("CPU", 1.0)), 2)))
 
 
-def _end_to_end(
+def _job_config(
     options: BenchOptions,
     tasks: tuple[str, ...],
     model: str,
     clip: str | None,
     input_uri: str,
+    output: str,
     endpoint_url: str | None,
-    work: Path,
     shard_size: int,
-) -> _Phase:
-    from loupe.jobs.runner import run_job
+):
     from loupe.schemas.config import JobConfig
-    from loupe.schemas.manifest import STATS_DIR, ShardStats
-    from loupe.workers.storage import join_uri, open_storage
 
-    run = uuid.uuid4().hex[:12]
-    output = join_uri(input_uri.removesuffix("images/"), "runs", run) if endpoint_url else str(work / "runs" / run)
-    config = JobConfig(
+    return JobConfig(
         input=input_uri,
         output=output,
         model=model,
@@ -518,6 +514,25 @@ def _end_to_end(
         overwrite=True,
         **({"image_embedding_model": clip} if clip else {}),
     )
+
+
+def _end_to_end(
+    options: BenchOptions,
+    tasks: tuple[str, ...],
+    model: str,
+    clip: str | None,
+    input_uri: str,
+    endpoint_url: str | None,
+    work: Path,
+    shard_size: int,
+) -> _Phase:
+    from loupe.jobs.runner import run_job
+    from loupe.schemas.manifest import STATS_DIR, ShardStats
+    from loupe.workers.storage import join_uri, open_storage
+
+    run = uuid.uuid4().hex[:12]
+    output = join_uri(input_uri.removesuffix("images/"), "runs", run) if endpoint_url else str(work / "runs" / run)
+    config = _job_config(options, tasks, model, clip, input_uri, output, endpoint_url, shard_size)
     try:
         result = run_job(config)
         if not result.complete or result.rows_error:
@@ -542,43 +557,14 @@ def _end_to_end(
 # -- 2. the model alone ----------------------------------------------------------------------
 
 
-@dataclass
-class _Models:
-    """The replica's models, loaded in this process exactly as ShardProcessor loads them."""
+def _load_models(
+    options: BenchOptions, tasks: tuple[str, ...], model: str, clip: str | None, work: Path, shard_size: int, device
+):
+    """A ShardProcessor with the job's settings, loading the models as a replica does (on the torch thread)."""
+    from loupe.workers.pipeline import ShardProcessor
 
-    captioner: Any
-    moderator: Any = None
-    image_embedder: Any = None
-    text_embedder: Any = None
-
-
-def _load_models(options: BenchOptions, tasks: tuple[str, ...], model: str, clip: str | None, device) -> _Models:
-    from loupe.schemas.config import DEFAULT_TEXT_EMBEDDING_MODEL
-    from loupe.schemas.taxonomy import DEFAULT_TAXONOMY
-    from loupe.workers.captioner import Captioner
-
-    captioner = Captioner(
-        model,
-        prompt=DEFAULT_PROMPT,
-        max_new_tokens=options.max_new_tokens,
-        min_new_tokens=options.max_new_tokens,
-        device=str(device),
-    )
-    models = _Models(captioner)
-    if "moderate" in tasks:
-        from loupe.workers.moderator import Moderator
-
-        models.moderator = Moderator(model, DEFAULT_TAXONOMY, device=str(device), share=captioner)
-    if "embed" in tasks:
-        from loupe.workers.embedder import (
-            ImageEmbedder,
-            TextEmbedder,
-            resolve_text_model,
-        )
-
-        models.image_embedder = ImageEmbedder(clip, device=str(device))
-        models.text_embedder = TextEmbedder(resolve_text_model(DEFAULT_TEXT_EMBEDDING_MODEL), device=str(device))
-    return models
+    config = _job_config(options, tasks, model, clip, str(work), str(work / "alone"), None, shard_size)
+    return ShardProcessor(config, device=str(device))
 
 
 class _ForwardClock:
@@ -640,43 +626,6 @@ class _ForwardClock:
             handle.remove()
 
 
-@dataclass
-class _Prepared:
-    images: list
-    caption: Any = None
-    moderation: Any = None
-    embedding: Any = None
-
-
-def _prepare(models: _Models, images: list) -> _Prepared:
-    """What ShardProcessor._prepare does on its producer thread."""
-    prepared = _Prepared(images, models.captioner.prepare(images))
-    if models.moderator is not None:
-        prepared.moderation = models.moderator.prepare(images)
-    if models.image_embedder is not None:
-        prepared.embedding = models.image_embedder.prepare(images)
-    return prepared
-
-
-def _run_models(models: _Models, prepared: _Prepared, clock: _ForwardClock, stages: Counter[str]) -> None:
-    """The calls ShardProcessor._run_models makes, in its order, each stage timed."""
-    t0 = time.perf_counter()
-    with clock.generating():
-        captions = models.captioner.generate(prepared.caption)
-    stages["generate"] += time.perf_counter() - t0
-    if models.moderator is not None:
-        t0 = time.perf_counter()
-        models.moderator.score(prepared.moderation)
-        stages["moderate"] += time.perf_counter() - t0
-    if models.image_embedder is not None:
-        t0 = time.perf_counter()
-        models.image_embedder.embed(prepared.embedding)
-        texts = [c for c in captions if c and c.strip()]
-        if texts:
-            models.text_embedder.embed_texts(texts)
-        stages["embed"] += time.perf_counter() - t0
-
-
 def _batches(images: list, batch_size: int, shard_size: int, captioner: Any = None) -> list[list]:
     """The job's batches: shards of shard_size in listing order, each bucketed by prompt length as the pipeline does."""
     from loupe.workers.pipeline import BUCKET_BATCHES, bucketed
@@ -690,33 +639,40 @@ def _batches(images: list, batch_size: int, shard_size: int, captioner: Any = No
     return batches
 
 
-def _model_alone(models: _Models, paths: list[Path], batch_size: int, shard_size: int, device) -> _Phase:
+def _model_alone(models: Any, paths: list[Path], batch_size: int, shard_size: int, device) -> _Phase:
+    """The replica's model calls (ShardProcessor.run_batch) on the job's batches, decoded and prepared beforehand."""
     import torch
     from loupe.workers.decode import decode_image
-    from loupe.workers.pipeline import models_decode_side
 
     captioner = models.captioner
     on_cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    side = models_decode_side(captioner, models.moderator, models.image_embedder)  # as the job decodes
-    images = [decode_image(path.read_bytes(), min_side=side) for path in paths]
+    images = [decode_image(path.read_bytes(), min_side=models.decode_side) for path in paths]  # as the job decodes
     batches = _batches(images, batch_size, shard_size, captioner)
     clock = _ForwardClock(captioner.model, sync)
+    generate_encoded = captioner.generate_encoded
+
+    def timed(inputs: Any) -> Any:  # the forward hooks count generate's forwards only, not moderation's
+        with clock.generating():
+            return generate_encoded(inputs)
+
+    captioner.generate_encoded = timed
     try:
-        _run_models(models, _prepare(models, batches[0]), clock, Counter())  # warm-up, not counted
+        models.run_batch(models.prepare_images(batches[0]))  # warm-up, not counted
         clock.seconds.clear()
         if on_cuda:
             torch.cuda.reset_peak_memory_stats(device)
         phase = _Phase()
         prompt_tokens = 0
         for images in batches:
-            prepared = _prepare(models, images)  # outside the clock: the pipeline does it on another thread
-            prompt_tokens += int(prepared.caption["attention_mask"].sum())
+            prepared = models.prepare_images(images)  # outside the clock: the job does it beside or between batches
+            prompt_tokens += int(prepared.caption_inputs["attention_mask"].sum())
             sync()
             t0 = time.perf_counter()
-            _run_models(models, prepared, clock, phase.stages)
+            _, stages = models.run_batch(prepared)
             sync()
             phase.seconds += time.perf_counter() - t0
+            phase.stages.update(stages)
             phase.images += len(images)
         phase.tokens = phase.images * captioner.generation_config.max_new_tokens
         # transformers may run the vision tower inside the first forward or just before it.
@@ -727,6 +683,7 @@ def _model_alone(models: _Models, paths: list[Path], batch_size: int, shard_size
         phase.stages["decode_steps"] = clock.seconds["decode_steps"]
         phase.stages["generate_other"] = max(0.0, phase.stages["generate"] - forwards)
     finally:
+        del captioner.generate_encoded  # the class's method again
         clock.remove()
     phase.memory = int(torch.cuda.max_memory_allocated(device)) if on_cuda else None
     phase.prompt_tokens = prompt_tokens / max(1, phase.images)
@@ -737,7 +694,7 @@ def _model_alone(models: _Models, paths: list[Path], batch_size: int, shard_size
 
 
 def _naive(
-    models: _Models, model: str, paths: list[Path], fetch: Callable[[int], bytes], max_new_tokens: int, device
+    models: Any, model: str, paths: list[Path], fetch: Callable[[int], bytes], max_new_tokens: int, device
 ) -> _Phase:
     """One image at a time as a plain transformers script does it: read, PIL, AutoProcessor, generate.
 
@@ -833,7 +790,7 @@ def _report(
     tasks: tuple[str, ...],
     device,
     parameters: int,
-    models: _Models,
+    models: Any,
     paths: list[Path],
     shard_size: int,
     threads: int | None,
@@ -843,7 +800,10 @@ def _report(
 ) -> dict[str, Any]:
     e2e, alone = _median(e2e_runs), _median(alone_runs)
     e2e_rates, alone_rates, naive_rates = e2e.rates(), alone.rates(), naive.rates()
-    efficiency = e2e.images / e2e.seconds / (alone.images / alone.seconds)
+    # Per turn, job and model alone ran back to back under the same load; the median of those
+    # ratios (the lower middle one of an even count), not the ratio of two medians from different turns.
+    turns = sorted(j.images / j.seconds / (a.images / a.seconds) for j, a in zip(e2e_runs, alone_runs, strict=True))
+    efficiency = turns[(len(turns) - 1) // 2]
     speedup = e2e.images / e2e.seconds / (naive.images / naive.seconds)
     # Stage times summed over every repeat, per image.
     job_stages, alone_stages = Counter(), Counter()
@@ -954,7 +914,10 @@ def format_table(result: dict[str, Any]) -> str:
         )
     if len(result["repeats"]) > 1:
         turns = ", ".join(f"{r['efficiency']:.3f}" for r in result["repeats"])
-        lines.append(f"(medians of {len(result['repeats'])} turns of job and model alone; efficiency per turn: {turns})")
+        lines.append(
+            f"(medians of {len(result['repeats'])} turns of job and model alone; efficiency per turn: {turns}, "
+            "their median reported)"
+        )
     lines += [
         f"3. pipeline efficiency (1)/(2): {result['efficiency']:.3f}",
         f"   speed-up of (1) over (4): {result['speedup_over_naive']:.2f}x",

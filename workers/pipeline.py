@@ -200,6 +200,19 @@ class ShardProcessor:
         write_stats(self._output, self.config.output, stats)
         return stats
 
+    # -- one batch of decoded images, for benchmarks ---------------------------------------
+
+    def prepare_images(self, images: list[Image.Image]) -> _Batch:
+        """Decoded images prepared for the models as the producer prepares a batch (on the torch thread on a CPU)."""
+        items = [_Item(i, None, image, image.size) for i, image in enumerate(images)]  # type: ignore[arg-type]
+        return self._in_turn(self._prepare, items, _Timings())
+
+    def run_batch(self, batch: _Batch) -> tuple[list[str | None], Counter[str]]:
+        """The models on a prepared batch, exactly as a shard runs them: captions and seconds per stage."""
+        timings = _Timings()
+        results = self._run_models(batch, timings)
+        return [result.caption for result in results], timings.seconds
+
     # -- producer thread: fetch, decode, preprocess -------------------------------------
 
     def _produce(
