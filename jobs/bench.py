@@ -77,7 +77,7 @@ STAGES = {
     "prefill": "model alone: the first forward of generate without the vision tower (projector, merge, prompt)",
     "decode_steps": "model alone: every later forward of generate (one new token each)",
     "generate_other": "model alone: generate's own work between forwards, detokenizing",
-    "moderate": "model alone: Moderator.score",
+    "moderate": "model alone: moderation scores (read from the caption's KV cache when the judge is the captioner)",
     "embed": "model alone: image and caption embeddings",
     "write": "job: Parquet part and stats record (the shard's thread, overlaps the next shard's model work)",
 }
