@@ -267,9 +267,9 @@ def index(
     endpoint_url: Annotated[Optional[str], typer.Option(envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint.")] = None,
 ) -> None:
     """Build (or rebuild and re-tune) the FAISS index of OUTPUT's embeddings."""
-    from loupe.jobs.index import build_output_index, parse_size
-
     with _user_errors():
+        from loupe.jobs.index import build_output_index, parse_size  # without FAISS: one line
+
         if not 0 < target_recall <= 1:
             raise UserError("invalid option 'target_recall': must be in (0, 1]")
         record = build_output_index(
@@ -297,10 +297,10 @@ def search(
     """Search the catalog by text or by image; filter on the stored moderation labels."""
     from transformers.utils import logging as hf_logging
 
-    from loupe.jobs.search import search as run_search
-
     hf_logging.disable_progress_bar()
     with _user_errors():
+        from loupe.jobs.search import search as run_search  # without FAISS: one line
+
         hits = run_search(
             output, text=query, image=image, k=k, kind=kind, exclude_flagged=exclude_flagged,
             flagged=flagged, endpoint_url=endpoint_url,

@@ -46,6 +46,18 @@ def test_without_faiss_the_import_says_what_to_install():
     assert out == "faiss is not installed: pip install 'loupe[cpu]' (or 'loupe[gpu]' on CUDA 12)\n"
 
 
+@pytest.mark.parametrize("args", [["index", "OUT"], ["search", "OUT", "a red bicycle"]])
+def test_without_faiss_the_commands_say_it_in_one_line(args, tmp_path):
+    code = (
+        "import sys; sys.modules['faiss'] = None\n"
+        "from loupe.jobs.cli import app\n"
+        f"app({[a.replace('OUT', str(tmp_path)) for a in args]!r})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr == "loupe: error: faiss is not installed: pip install 'loupe[cpu]' (or 'loupe[gpu]' on CUDA 12)\n"
+
+
 def test_threads_follow_the_affinity_mask_and_the_cgroup_quota(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
     monkeypatch.setattr(index_module, "_ray_cpus", lambda: None)
