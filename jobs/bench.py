@@ -864,7 +864,7 @@ def _report(
         | {"clock": "model calls only, after one warm-up batch; inputs decoded and prepared beforehand"},
         "naive": naive_rates | {"clock": "per image: read, decode, preprocess, generate, detokenize"},
         "efficiency": round(efficiency, 4),
-        "speedup_over_naive": round(speedup, 3),
+        "speedup_over_naive": round(speedup, 4),
         "repeats": [
             {
                 "end_to_end": round(j.images / j.seconds, 4),

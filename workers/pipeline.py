@@ -220,9 +220,9 @@ class ShardProcessor:
     ) -> None:
         try:
             for window in _chunked(self._fetched(shard, timings), BUCKET_BATCHES * self.config.batch_size):
-                prepared = self._in_turn(self._prepare_window, window, errors, timings)
-                for batch in prepared:
-                    batches.put(batch)
+                for items in self._in_turn(self._decode_window, window, errors, timings):
+                    # Prepared one batch at a time, so at most the queue's batches wait in (pinned) memory.
+                    batches.put(self._in_turn(self._prepare, items, timings))
             batches.put(_DONE)
         except BaseException as exc:  # handed to the consumer, which fails the shard
             batches.put(_Failed(exc))
@@ -231,8 +231,10 @@ class ShardProcessor:
         """fn(*args) between the models' batches on a CPU replica; at once, on this thread, on a GPU."""
         return on_torch_thread(fn, *args) if self._take_turns else fn(*args)
 
-    def _prepare_window(self, window: list[_Item | Future[_Item]], errors: list[_Item], timings: _Timings) -> list[_Batch]:
-        """Decode the window's images (on a GPU replica they were decoded as they arrived), then bucket and prepare them."""
+    def _decode_window(
+        self, window: list[_Item | Future[_Item]], errors: list[_Item], timings: _Timings
+    ) -> list[list[_Item]]:
+        """The window's images decoded (on a GPU replica, as they arrived), failures set aside, the rest bucketed."""
         if self._take_turns:
             items = list(self._decode_pool.map(lambda item: self._decode(item, self.decode_side, timings), window))
         else:
@@ -240,7 +242,7 @@ class ShardProcessor:
         ready = []
         for item in items:
             (errors if item.error is not None else ready).append(item)
-        return [self._prepare(batch, timings) for batch in self._bucketed(ready)]
+        return self._bucketed(ready)
 
     def _fetched(self, shard: Shard, timings: _Timings) -> Iterator[_Item | Future[_Item]]:
         """The shard's samples in source order: items to decode, or (on a GPU) their decoding already under way."""
