@@ -71,7 +71,7 @@ _PHOTO_SIZES = (
 # The stages of the breakdown, in the order an image meets them, and where each is measured.
 STAGES = {
     "fetch": "job: reading the object (summed over fetch threads, overlaps the model)",
-    "decode": "job: bytes to RGB (summed over decode threads; overlaps a GPU model, takes turns with a CPU one)",
+    "decode": "job: bytes to RGB (summed over decode threads, overlaps the model)",
     "preprocess": "job: chat template, tokenizer, image processor (overlaps a GPU model, takes turns with a CPU one)",
     "vision_tower": "model alone: the vision tower's forward (hook)",
     "prefill": "model alone: the first forward of generate without the vision tower (projector, merge, prompt)",

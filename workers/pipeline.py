@@ -4,9 +4,10 @@ Plain Python with no Ray import: a unit test runs it in-process, a Ray actor wra
 producer thread fetches the shard's images (concurrently, see reader), has them decoded on a
 small thread pool (JPEGs at the smallest scale the models' inputs allow), groups them a few
 batches at a time by prompt length and prepares the batches; a bounded queue hands them to the
-models, which run on the process's single torch thread (see torch_thread). On a GPU replica the
-producer works while the model generates; on a CPU replica, whose model already keeps every
-core busy, decoding and preprocessing take their turn on the torch thread between batches.
+models, which run on the process's single torch thread (see torch_thread). Decoding (Pillow,
+no OpenMP) always overlaps the models. Preprocessing runs torch operators: on a GPU replica it
+overlaps generation on the producer thread; on a CPU replica, whose model keeps every core busy
+with its OpenMP team, it takes its turn on the torch thread between batches.
 """
 
 from __future__ import annotations
@@ -135,9 +136,9 @@ class ShardProcessor:
         # JPEGs are decoded at the smallest scale that leaves the models' inputs unchanged.
         self.decode_side = models_decode_side(self.captioner, self.moderator, self.image_embedder)
         # The models run on the process's torch thread (see torch_thread), one batch at a time.
-        # Models on the CPU already use every core: decoding and preprocessing beside them would only
-        # preempt their threads (a matrix product waits for its slowest thread), so on the CPU those
-        # take turns with the models on that thread too, instead of overlapping them.
+        # Models on the CPU already use every core with one OpenMP team: preprocessing (torch
+        # operators) from another thread would start a second team, so there it takes its turn on
+        # the torch thread between batches instead of overlapping them.
         self._take_turns = _on_cpu(self.captioner, self.moderator, self.image_embedder, self.text_embedder)
         self._decode_pool = ThreadPoolExecutor(
             max_workers=decode_threads or min(8, (os.cpu_count() or 2)),
@@ -220,7 +221,7 @@ class ShardProcessor:
     ) -> None:
         try:
             for window in _chunked(self._fetched(shard, timings), BUCKET_BATCHES * self.config.batch_size):
-                for items in self._in_turn(self._decode_window, window, errors, timings):
+                for items in self._decode_window(window, errors, timings):
                     # Prepared one batch at a time, so at most the queue's batches wait in (pinned) memory.
                     batches.put(self._in_turn(self._prepare, items, timings))
             batches.put(_DONE)
@@ -228,24 +229,21 @@ class ShardProcessor:
             batches.put(_Failed(exc))
 
     def _in_turn(self, fn: Callable[..., T], *args: Any) -> T:
-        """fn(*args) between the models' batches on a CPU replica; at once, on this thread, on a GPU."""
+        """fn(*args) on the torch thread between the models' batches on a CPU replica; here and now on a GPU one."""
         return on_torch_thread(fn, *args) if self._take_turns else fn(*args)
 
     def _decode_window(
-        self, window: list[_Item | Future[_Item]], errors: list[_Item], timings: _Timings
+        self, window: list[Future[_Item]], errors: list[_Item], timings: _Timings
     ) -> list[list[_Item]]:
-        """The window's images decoded (on a GPU replica, as they arrived), failures set aside, the rest bucketed."""
-        if self._take_turns:
-            items = list(self._decode_pool.map(lambda item: self._decode(item, self.decode_side, timings), window))
-        else:
-            items = [item.result() for item in window]
+        """The window's images, decoded on the pool as they arrived: failures set aside, the rest bucketed."""
+        items = [item.result() for item in window]
         ready = []
         for item in items:
             (errors if item.error is not None else ready).append(item)
         return self._bucketed(ready)
 
-    def _fetched(self, shard: Shard, timings: _Timings) -> Iterator[_Item | Future[_Item]]:
-        """The shard's samples in source order: items to decode, or (on a GPU) their decoding already under way."""
+    def _fetched(self, shard: Shard, timings: _Timings) -> Iterator[Future[_Item]]:
+        """The shard's samples in source order, each handed to the decode pool as it arrives."""
         samples = read_shard(shard, self._input, image_column=self.config.image_column)
         for seq in itertools.count():
             t0 = time.perf_counter()
@@ -254,7 +252,7 @@ class ShardProcessor:
             if sample is None:
                 return
             item = _Item(seq, sample)
-            yield item if self._take_turns else self._decode_pool.submit(self._decode, item, self.decode_side, timings)
+            yield self._decode_pool.submit(self._decode, item, self.decode_side, timings)
 
     @staticmethod
     def _decode(item: _Item, side: int | None, timings: _Timings) -> _Item:
