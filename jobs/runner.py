@@ -332,14 +332,15 @@ def _replica_classes():
 
             _setup(threads)
             # Both of its concurrent calls run the model on one thread (see torch_thread).
-            self.on_torch_thread = on_torch_thread
             self.moderator = on_torch_thread(Moderator, config.judge, config.taxonomy, device=device)
 
         def ready(self) -> str:
             return ray.get_runtime_context().get_node_id()
 
         def score(self, images: list) -> list[dict[str, float]]:
-            return self.on_torch_thread(self.moderator, images)
+            from loupe.workers.torch_thread import on_torch_thread
+
+            return on_torch_thread(self.moderator, images)
 
     return Replica, ModerationReplica
 

@@ -221,7 +221,7 @@ class ShardProcessor:
     ) -> None:
         try:
             for window in _chunked(self._fetched(shard, timings), BUCKET_BATCHES * self.config.batch_size):
-                for items in self._decode_window(window, errors, timings):
+                for items in self._decode_window(window, errors):
                     # Prepared one batch at a time, so at most the queue's batches wait in (pinned) memory.
                     batches.put(self._in_turn(self._prepare, items, timings))
             batches.put(_DONE)
@@ -232,13 +232,10 @@ class ShardProcessor:
         """fn(*args) on the torch thread between the models' batches on a CPU replica; here and now on a GPU one."""
         return on_torch_thread(fn, *args) if self._take_turns else fn(*args)
 
-    def _decode_window(
-        self, window: list[Future[_Item]], errors: list[_Item], timings: _Timings
-    ) -> list[list[_Item]]:
+    def _decode_window(self, window: list[Future[_Item]], errors: list[_Item]) -> list[list[_Item]]:
         """The window's images, decoded on the pool as they arrived: failures set aside, the rest bucketed."""
-        items = [item.result() for item in window]
         ready = []
-        for item in items:
+        for item in (future.result() for future in window):
             (errors if item.error is not None else ready).append(item)
         return self._bucketed(ready)
 
@@ -251,17 +248,15 @@ class ShardProcessor:
             timings.add("fetch", time.perf_counter() - t0)
             if sample is None:
                 return
-            item = _Item(seq, sample)
-            yield self._decode_pool.submit(self._decode, item, self.decode_side, timings)
+            yield self._decode_pool.submit(self._decode, _Item(seq, sample), timings)
 
-    @staticmethod
-    def _decode(item: _Item, side: int | None, timings: _Timings) -> _Item:
+    def _decode(self, item: _Item, timings: _Timings) -> _Item:
         if item.sample.error is not None:
             item.error = item.sample.error
             return item
         t0 = time.perf_counter()
         try:
-            item.image, item.size = decode_sized(item.sample.data or b"", min_side=side)
+            item.image, item.size = decode_sized(item.sample.data or b"", min_side=self.decode_side)
         except DecodeError as exc:
             item.error = (exc.code, exc.message)
         timings.add("decode", time.perf_counter() - t0)
