@@ -13,6 +13,8 @@ exactly T tokens long (min = max new tokens), measures:
    started_at / finished_at): Ray start-up and model loading are not counted;
 2. the model alone: the same images decoded and prepared beforehand (outside the clock), the
    same batches, through the same ShardProcessor calls (run_batch), after one warm-up batch;
+   half of the batches just before the job and half just after it, so that a machine whose
+   speed drifts during the turn (a shared VM's does, by 10-20 % over a minute) slows both alike;
 3. pipeline efficiency = (1) / (2) (with --repeats, the median of each turn's ratio);
 4. naive: one image at a time, as a plain transformers script does it (read, PIL, AutoProcessor,
    generate, decode), the same weights, dtype and greedy settings; the speed-up of (1) over it;
@@ -127,6 +129,21 @@ class _Phase:
     memory: int | None = None  # model alone on CUDA: max_memory_allocated
     prompt_tokens: float = 0.0  # model alone: mean tokens per caption prompt
 
+    def joined(self, other: _Phase) -> _Phase:
+        """Both runs' images and seconds as one run (model alone: the two halves of a turn)."""
+        images = self.images + other.images
+        memory = [m for m in (self.memory, other.memory) if m is not None]
+        stages = Counter(self.stages)
+        stages.update(other.stages)  # not `+`, which drops stages that took no time
+        return _Phase(
+            images=images,
+            seconds=self.seconds + other.seconds,
+            tokens=self.tokens + other.tokens,
+            stages=stages,
+            memory=max(memory) if memory else None,
+            prompt_tokens=(self.prompt_tokens * self.images + other.prompt_tokens * other.images) / max(1, images),
+        )
+
     def rates(self) -> dict[str, float]:
         return {
             "images": self.images,
@@ -157,19 +174,26 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda _: None
         paths = make_photos(work / f"images-{options.images}-seed{options.seed}", options.images, options.seed)
         with _source(options.source, paths, options.endpoint_url) as (input_uri, endpoint_url, fetch):
             started_ray = _start_ray(device, options.threads)
-            models, e2e, alone = None, [], []
+            e2e, alone = [], []
             try:
                 threads = _replica_threads(device)
-                # Job and model alone take turns, so that load from elsewhere on the machine falls
-                # on both alike; the checkpoint is loaded here once, after the first job.
+                with _torch_threads(threads):
+                    models = _load_models(options, tasks, model, clip, work, shard_size, device)
+                    batches = _batches(_decoded(models, paths), options.batch_size, shard_size, models.captioner)
+                    before, after = batches[: len(batches) // 2], batches[len(batches) // 2 :]
+                # Each turn runs the model alone on half of the batches, the job, then the model
+                # alone on the other half: load from elsewhere and a drift in the machine's speed
+                # fall on both sides of the ratio alike.
                 for repeat in range(options.repeats):
                     turn = f" ({repeat + 1}/{options.repeats})" if options.repeats > 1 else ""
+                    with _torch_threads(threads):
+                        log(f"model alone{turn}: the first {len(before)} of the job's batches, prepared beforehand")
+                        first = _model_alone(models, before, device)
                     log(f"end to end{turn}: {options.images} images through run_job from {options.source}, one replica")
                     e2e.append(_end_to_end(options, tasks, model, clip, input_uri, endpoint_url, work, shard_size))
                     with _torch_threads(threads):
-                        models = models or _load_models(options, tasks, model, clip, work, shard_size, device)
-                        log(f"model alone{turn}: the same batches, prepared beforehand")
-                        alone.append(_model_alone(models, paths, options.batch_size, shard_size, device))
+                        log(f"model alone{turn}: the other {len(after)} batches")
+                        alone.append(first.joined(_model_alone(models, after, device)))
             finally:
                 if started_ray:
                     import ray
@@ -241,16 +265,15 @@ def _device(requested: str | None):
 def _check_memory(options: BenchOptions, device) -> int:
     """Refuse, before anything is built, a model whose weights cannot fit; return its parameter count.
 
-    In the captioner's dtype (float32 on the CPU, bfloat16 on a GPU): one copy at a time (the
-    replica's, then the benchmark's own), or both at once when job and model alone take turns.
+    In the captioner's dtype (float32 on the CPU, bfloat16 on a GPU), two copies at once: the
+    replica's and the benchmark's own, which runs the model alone around each job.
     """
     import torch
     from loupe.workers.random_model import parameter_count
 
     parameters = parameter_count(options.family, options.size)
     itemsize = 2 if device.type == "cuda" else 4
-    copies = 2 if options.repeats > 1 else 1
-    need = parameters * itemsize * copies * 1.2  # weights plus activations, KV cache and loader slack
+    need = parameters * itemsize * 2 * 1.2  # weights plus activations, KV cache and loader slack
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         where, hint = f"free on {device}", "use a larger GPU or a smaller --size"
@@ -639,16 +662,22 @@ def _batches(images: list, batch_size: int, shard_size: int, captioner: Any = No
     return batches
 
 
-def _model_alone(models: Any, paths: list[Path], batch_size: int, shard_size: int, device) -> _Phase:
-    """The replica's model calls (ShardProcessor.run_batch) on the job's batches, decoded and prepared beforehand."""
-    import torch
+def _decoded(models: Any, paths: list[Path]) -> list:
+    """The images decoded as the job decodes them (at the scale the models need)."""
     from loupe.workers.decode import decode_image
 
+    return [decode_image(path.read_bytes(), min_side=models.decode_side) for path in paths]
+
+
+def _model_alone(models: Any, batches: list[list], device) -> _Phase:
+    """The replica's model calls (ShardProcessor.run_batch) on some of the job's batches, each prepared beforehand."""
+    import torch
+
+    if not batches:  # a one-batch run has no first half
+        return _Phase()
     captioner = models.captioner
     on_cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    images = [decode_image(path.read_bytes(), min_side=models.decode_side) for path in paths]  # as the job decodes
-    batches = _batches(images, batch_size, shard_size, captioner)
     clock = _ForwardClock(captioner.model, sync)
     generate_encoded = captioner.generate_encoded
 

@@ -155,3 +155,19 @@ def test_batches_follow_shards_and_buckets_like_the_job():
     assert widths(_batches(images, 3, 5)) == [[5, 1, 4], [2, 3], [9, 8, 7], [6, 0]]
     # shards of 5 (windows of BUCKET_BATCHES * 3 hold a whole shard), sorted within each
     assert widths(_batches(images, 3, 5, _Counter())) == [[1, 2, 3], [4, 5], [0, 6, 7], [8, 9]]
+
+
+def test_model_alone_halves_join_into_one_turn():
+    from collections import Counter
+
+    from loupe.jobs.bench import _model_alone, _Phase
+
+    first = _Phase(images=4, seconds=2.0, tokens=16, stages=Counter(generate=1.5, moderate=0.0), prompt_tokens=10)
+    second = _Phase(images=12, seconds=4.0, tokens=48, stages=Counter(generate=3.5), memory=7, prompt_tokens=20)
+    turn = first.joined(second)
+    assert (turn.images, turn.seconds, turn.tokens, turn.memory) == (16, 6.0, 64, 7)
+    assert dict(turn.stages) == {"generate": 5.0, "moderate": 0.0}  # a stage that took no time is still reported
+    assert turn.prompt_tokens == pytest.approx((4 * 10 + 12 * 20) / 16)  # weighted by images
+    # a one-batch run has nothing to run before the job: that half is empty and adds nothing
+    empty = _model_alone(None, [], None)
+    assert empty.joined(second).rates() == second.rates()
