@@ -177,21 +177,19 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = lambda _: None
             e2e, alone = [], []
             try:
                 threads = _replica_threads(device)
-                with _torch_threads(threads):
+                with _torch_threads(threads):  # the replica's own setting (the job runs in its actor)
                     models = _load_models(options, tasks, model, clip, work, shard_size, device)
                     batches = _batches(_decoded(models, paths), options.batch_size, shard_size, models.captioner)
                     before, after = batches[: len(batches) // 2], batches[len(batches) // 2 :]
-                # Each turn runs the model alone on half of the batches, the job, then the model
-                # alone on the other half: load from elsewhere and a drift in the machine's speed
-                # fall on both sides of the ratio alike.
-                for repeat in range(options.repeats):
-                    turn = f" ({repeat + 1}/{options.repeats})" if options.repeats > 1 else ""
-                    with _torch_threads(threads):
+                    # Each turn runs the model alone on half of the batches, the job, then the model
+                    # alone on the other half: load from elsewhere and a drift in the machine's speed
+                    # fall on both sides of the ratio alike.
+                    for repeat in range(options.repeats):
+                        turn = f" ({repeat + 1}/{options.repeats})" if options.repeats > 1 else ""
                         log(f"model alone{turn}: the first {len(before)} of the job's batches, prepared beforehand")
                         first = _model_alone(models, before, device)
-                    log(f"end to end{turn}: {options.images} images through run_job from {options.source}, one replica")
-                    e2e.append(_end_to_end(options, tasks, model, clip, input_uri, endpoint_url, work, shard_size))
-                    with _torch_threads(threads):
+                        log(f"end to end{turn}: {options.images} images through run_job from {options.source}, one replica")
+                        e2e.append(_end_to_end(options, tasks, model, clip, input_uri, endpoint_url, work, shard_size))
                         log(f"model alone{turn}: the other {len(after)} batches")
                         alone.append(first.joined(_model_alone(models, after, device)))
             finally:
