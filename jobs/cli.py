@@ -139,7 +139,7 @@ def random_model(
     seed: Annotated[int, typer.Option(help="Seed of the random weights and tokenizer.")] = 0,
 ) -> None:
     """Write a random-weight checkpoint that loads like a real one (for tests, demos, benchmarks)."""
-    from loupe.workers.random_model import build_random_model
+    from loupe.workers.models.random import build_random_model
 
     with _user_errors():
         path = build_random_model(dest, family, size, seed=seed)
@@ -176,7 +176,7 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Images/s of a whole job beside the model alone and a naive loop, and where the time goes."""
-    from loupe.jobs.bench import BenchOptions, format_table, run_bench  # first: it sets offline mode
+    from loupe.jobs.bench.job import BenchOptions, format_table, run_bench  # first: it sets offline mode
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -268,7 +268,7 @@ def index(
 ) -> None:
     """Build (or rebuild and re-tune) the FAISS index of OUTPUT's embeddings."""
     with _user_errors():
-        from loupe.jobs.index import build_output_index, parse_size  # without FAISS: one line
+        from loupe.jobs.indexing import build_output_index, parse_size  # without FAISS: one line
 
         if not 0 < target_recall <= 1:
             raise UserError("invalid option 'target_recall': must be in (0, 1]")

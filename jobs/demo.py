@@ -12,7 +12,7 @@ from rich.console import Console
 
 from loupe.jobs.runner import JobObserver, JobResult, run_job
 from loupe.schemas.config import JobConfig
-from loupe.schemas.manifest import PARTS_DIR
+from loupe.schemas.layout import PARTS_DIR
 
 _COLOURS = ["red", "orange", "gold", "green", "teal", "blue", "purple", "pink", "white", "black"]
 
@@ -44,7 +44,7 @@ def run_demo(
     observer_factory: Callable[[], JobObserver],
     print_summary: Callable[[JobResult], None],
 ) -> JobResult:
-    from loupe.workers.random_model import build_random_model
+    from loupe.workers.models.random import build_random_model
 
     console = Console()
     workdir = workdir.resolve()

@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from loupe.schemas.errors import UserError
-from loupe.schemas.manifest import JOB_FILE, MANIFEST_FILE, JobRecord, Manifest
+from loupe.schemas.layout import JOB_FILE, MANIFEST_FILE
+from loupe.schemas.records import JobRecord, Manifest
 from loupe.workers.storage import join_uri, open_storage
 
 

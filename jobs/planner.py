@@ -10,8 +10,7 @@ from typing import BinaryIO, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loupe.schemas.plan import Shard, ShardKind
-from loupe.workers.reader import IMAGE_EXTENSIONS
+from loupe.schemas.plan import IMAGE_EXTENSIONS, Shard, ShardKind
 
 
 class Listed(Protocol):

@@ -16,25 +16,11 @@ import pyarrow.parquet as pq
 
 from loupe.jobs.planner import PlanSummary, plan_shards, read_plan, write_plan
 from loupe.schemas.config import JobConfig
-from loupe.schemas.errors import UserError
-from loupe.schemas.manifest import (
-    add_counts,
-    FAILED_DIR,
-    JOB_FILE,
-    MANIFEST_FILE,
-    PARTS_DIR,
-    PLAN_FILE,
-    STATS_DIR,
-    JobRecord,
-    Manifest,
-    ShardFailure,
-    ShardStats,
-    failed_path,
-    shard_id_from_path,
-    stats_path,
-)
+from loupe.schemas.errors import UserError, one_line
+from loupe.schemas.layout import FAILED_DIR, JOB_FILE, MANIFEST_FILE, PARTS_DIR, PLAN_FILE, STATS_DIR, failed_path, shard_id_from_path, stats_path
+from loupe.schemas.records import JobRecord, Manifest, ShardFailure, ShardStats, add_counts
 from loupe.schemas.plan import Shard, ShardKind
-from loupe.workers.captioner import check_model
+from loupe.workers.models.captioner import check_model
 from loupe.workers.storage import MissingLocation, Storage, join_uri, open_storage
 
 # Shards queued on each replica: one running, one whose images are fetched and decoded
@@ -104,7 +90,7 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobResult
     for model in sorted(models):
         check_model(model)
     if config.embeds:
-        from loupe.workers.embedder import check_embedding_models
+        from loupe.workers.models.embedder import check_embedding_models
 
         check_embedding_models(config.image_embedding_model, config.text_embedding_model)
     job = _existing_job(config, sink)
@@ -136,7 +122,7 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobResult
         observer.started(job.shards, len(done), 0)
     result = _finish(config, sink, job, done, new_stats, failures, time.time() - started)
     if config.embeds and config.build_index and result.complete:
-        from loupe.jobs.index import build_output_index
+        from loupe.jobs.indexing import build_output_index
 
         for kind in index_kinds(config):
             # Incremental: a resumed or extended job adds its new parts' vectors to the
@@ -278,7 +264,7 @@ def _connect_ray(config: JobConfig) -> None:
         )
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = config.ray_address or "the local machine"
-        raise UserError(f"could not reach a Ray cluster at {where}: {_one_line(exc)}") from None
+        raise UserError(f"could not reach a Ray cluster at {where}: {one_line(exc)}") from None
 
 
 def _replica_classes():
@@ -327,7 +313,7 @@ def _replica_classes():
         """A thin Ray shell around a Moderator loaded from --moderation-model."""
 
         def __init__(self, config: JobConfig, device: str, threads: int | None) -> None:
-            from loupe.workers.moderator import Moderator
+            from loupe.workers.models.moderator import Moderator
             from loupe.workers.torch_thread import on_torch_thread
 
             _setup(threads)
@@ -531,14 +517,12 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def _cause(exc: BaseException) -> str:
     """The root cause of a Ray error in one line, without Ray's wrapped traceback."""
     cause = getattr(exc, "cause", None)
     if isinstance(cause, BaseException):
-        return f"{type(cause).__name__}: {_one_line(cause)}"
+        return one_line(cause)
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return " ".join(lines[-1].split())[:300] if lines else type(exc).__name__

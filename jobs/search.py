@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from loupe.jobs.index import (
+from loupe.jobs.indexing import (
     KINDS,
     MODEL_SETTINGS,
     IdMap,
@@ -156,7 +156,7 @@ def _read_query_image(image: str, endpoint_url: str | None) -> bytes:
 def _embed_query(kind: str, model: str, text: str | None, data: bytes | None, name: str | None) -> np.ndarray:
     if data is not None:
         from loupe.workers.decode import DecodeError, decode_image
-        from loupe.workers.embedder import ImageEmbedder
+        from loupe.workers.models.embedder import ImageEmbedder
 
         try:
             picture = decode_image(data)
@@ -164,10 +164,10 @@ def _embed_query(kind: str, model: str, text: str | None, data: bytes | None, na
             raise UserError(f"cannot read image {name}: {exc}") from None
         return ImageEmbedder(model, device="cpu").embed_images([picture])
     if kind == "image":
-        from loupe.workers.embedder import ImageEmbedder
+        from loupe.workers.models.embedder import ImageEmbedder
 
         return ImageEmbedder(model, device="cpu").embed_texts([text])
-    from loupe.workers.embedder import TextEmbedder
+    from loupe.workers.models.embedder import TextEmbedder
 
     return TextEmbedder(model, device="cpu").embed_texts([text])
 

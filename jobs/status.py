@@ -7,16 +7,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from loupe.schemas.errors import UserError
-from loupe.schemas.manifest import (
-    FAILED_DIR,
-    JOB_FILE,
-    STATS_DIR,
-    JobRecord,
-    ShardFailure,
-    ShardStats,
-    add_counts,
-    shard_id_from_path,
-)
+from loupe.schemas.layout import FAILED_DIR, JOB_FILE, STATS_DIR, shard_id_from_path
+from loupe.schemas.records import JobRecord, ShardFailure, ShardStats, add_counts
 from loupe.workers.storage import MissingLocation, Storage, join_uri, open_storage
 
 

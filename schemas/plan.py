@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+# Loose objects with these extensions are images; .tar and .parquet files are shards of their own.
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
+
 
 class ShardKind(str, Enum):
     """How a shard's source is laid out."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loupe.schemas.errors import UserError
+from loupe.schemas.errors import UserError, one_line
 
 # Keys become Parquet struct field names and SQL identifiers (`moderation.violence_gore`).
 _KEY = re.compile(r"[a-z][a-z0-9_]*")
@@ -123,7 +123,7 @@ def load_taxonomy(path: str | Path) -> Taxonomy:
     except UnicodeDecodeError:
         raise UserError(f"taxonomy file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"taxonomy file {path} is not valid TOML: {_one_line(exc)}") from None
+        raise UserError(f"taxonomy file {path} is not valid TOML: {one_line(exc)}") from None
 
     def refuse(problem: str) -> UserError:
         return UserError(f"{problem} (in taxonomy file {path})")
@@ -183,7 +183,3 @@ def _category(table: dict[str, Any], number: int, refuse) -> Category:
     # A definition is asked about as "Does this image show <definition>?": stray whitespace
     # would only cost tokens, and a newline would break the one-line question.
     return Category(key, " ".join(definition.split()), float(threshold))
-
-
-def _one_line(exc: BaseException) -> str:
-    return (str(exc).strip() or type(exc).__name__).splitlines()[0]

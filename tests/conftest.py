@@ -80,7 +80,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory):
     """A tiny random-weight LLaVA-1.5 checkpoint, built offline once per session."""
-    from loupe.workers.random_model import build_random_model
+    from loupe.workers.models.random import build_random_model
 
     return str(build_random_model(tmp_path_factory.mktemp("tiny-llava"), "llava", "tiny"))
 
@@ -98,6 +98,6 @@ def sample_images(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     """A tiny random-weight CLIP checkpoint for image embeddings, built offline once."""
-    from loupe.workers.random_model import build_random_model
+    from loupe.workers.models.random import build_random_model
 
     return str(build_random_model(tmp_path_factory.mktemp("tiny-clip"), "clip", "tiny"))

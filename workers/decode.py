@@ -10,6 +10,7 @@ from typing import Any
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from loupe.schemas.codes import ErrorCode
+from loupe.schemas.errors import one_line
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
@@ -58,9 +59,9 @@ def decode_sized(data: bytes, *, min_side: int | None = None) -> tuple[Image.Ima
     except UnidentifiedImageError:
         raise _unidentified(data) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DecodeError(ErrorCode.DECOMPRESSION_BOMB, _one_line(exc)) from None
+        raise DecodeError(ErrorCode.DECOMPRESSION_BOMB, one_line(exc, 200)) from None
     except Exception as exc:  # a plugin choking on a damaged header
-        raise DecodeError(ErrorCode.TRUNCATED, f"corrupt header ({_one_line(exc)})") from None
+        raise DecodeError(ErrorCode.TRUNCATED, f"corrupt header ({one_line(exc, 200)})") from None
     header = im.size
     _check_dimensions(*header)
     if min_side:
@@ -69,9 +70,9 @@ def decode_sized(data: bytes, *, min_side: int | None = None) -> tuple[Image.Ima
     try:
         im.load()  # the first frame only: animations are not advanced
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DecodeError(ErrorCode.DECOMPRESSION_BOMB, _one_line(exc)) from None
+        raise DecodeError(ErrorCode.DECOMPRESSION_BOMB, one_line(exc, 200)) from None
     except Exception as exc:  # OSError "image file is truncated", broken zlib/JPEG data, ...
-        raise DecodeError(ErrorCode.TRUNCATED, f"corrupt or truncated data ({_one_line(exc)})") from None
+        raise DecodeError(ErrorCode.TRUNCATED, f"corrupt or truncated data ({one_line(exc, 200)})") from None
     loaded = im.size
     with contextlib.suppress(Exception):  # a malformed EXIF block must not cost a good image
         ImageOps.exif_transpose(im, in_place=True)
@@ -80,7 +81,7 @@ def decode_sized(data: bytes, *, min_side: int | None = None) -> tuple[Image.Ima
         return _to_rgb(im), size
     except Exception as exc:  # a pixel mode Pillow cannot convert
         raise DecodeError(
-            ErrorCode.UNSUPPORTED_FORMAT, f"cannot convert mode {im.mode} ({_one_line(exc)})"
+            ErrorCode.UNSUPPORTED_FORMAT, f"cannot convert mode {im.mode} ({one_line(exc, 200)})"
         ) from None
 
 
@@ -153,8 +154,3 @@ def _to_8_bits(im: Image.Image) -> Image.Image:
         return im
     scale = 255 / (hi - lo) if hi > lo else 0.0
     return im.point(lambda v: (v - lo) * scale).convert("L")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__

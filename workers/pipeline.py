@@ -28,15 +28,16 @@ from PIL import Image
 
 from loupe.schemas.codes import ErrorCode
 from loupe.schemas.config import JobConfig
-from loupe.schemas.manifest import ShardStats
+from loupe.schemas.records import ShardStats
 from loupe.schemas.plan import Shard
 from loupe.schemas.rows import RowStatus, output_schema
-from loupe.workers.captioner import Captioner
+from loupe.workers.models.captioner import Captioner
 from loupe.workers.decode import DecodeError, decode_sized, needed_side
 from loupe.workers.reader import Sample, read_shard
 from loupe.workers.storage import open_storage
 from loupe.workers.torch_thread import on_torch_thread
 from loupe.workers.writer import write_part, write_stats
+from loupe.schemas.errors import one_line
 
 T = TypeVar("T")
 
@@ -349,10 +350,10 @@ class ShardProcessor:
                 done += self._run_models(prepared, timings)
             except Exception as exc:
                 last = exc
-                item.error = (ErrorCode.MODEL_FAILED, _one_line(exc))
+                item.error = (ErrorCode.MODEL_FAILED, one_line(exc, 500))
                 failed.append(item)
         if failed and not done:
-            raise RuntimeError(f"the model failed on every image of a batch: {_one_line(last)}") from last
+            raise RuntimeError(f"the model failed on every image of a batch: {one_line(last, 500)}") from last
         errors.extend(failed)
         return done
 
@@ -416,11 +417,11 @@ def _load_models(
             device=device,
         )
     if config.moderates and moderator is None:
-        from loupe.workers.moderator import Moderator
+        from loupe.workers.models.moderator import Moderator
 
         moderator = Moderator(config.judge, config.taxonomy, device=device, share=captioner)
     if config.embeds:
-        from loupe.workers.embedder import ImageEmbedder, TextEmbedder, resolve_text_model
+        from loupe.workers.models.embedder import ImageEmbedder, TextEmbedder, resolve_text_model
 
         image_embedder = image_embedder or ImageEmbedder(config.image_embedding_model, device=device)
         if text_embedder is None and (config.captions or config.text_column):
@@ -464,8 +465,3 @@ def models_decode_side(*models: Any) -> int | None:
             return None
         sides.append(side)
     return max(sides, default=None)
-
-
-def _one_line(exc: BaseException | None) -> str:
-    text = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
-    return " ".join(text.split())[:500]

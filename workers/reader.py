@@ -15,11 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loupe.schemas.codes import ErrorCode
-from loupe.schemas.errors import UserError
-from loupe.schemas.plan import Shard, ShardKind
+from loupe.schemas.errors import UserError, one_line
+from loupe.schemas.plan import IMAGE_EXTENSIONS, Shard, ShardKind
 from loupe.workers.storage import Storage
-
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
 
 TAR_READ_SIZE = 1 << 20
 PARQUET_BATCH_ROWS = 64  # rows per Arrow batch: images are large, a few dozen MB at a time is plenty
@@ -91,7 +89,7 @@ def _fetched(uri: str, future: Future[bytes]) -> Sample:
     try:
         return _sample(uri, future.result())
     except OSError as exc:  # this object is gone or unreadable; storage-wide trouble still raises
-        return _sample(uri, None, error=(ErrorCode.READ_FAILED, _one_line(exc)))
+        return _sample(uri, None, error=(ErrorCode.READ_FAILED, one_line(exc, 200)))
 
 
 # -- WebDataset tar ------------------------------------------------------------------------
@@ -200,8 +198,3 @@ def _is_binary(t: pa.DataType) -> bool:
 
 def _is_text(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__

@@ -10,7 +10,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loupe.schemas.manifest import ShardStats, part_path, stats_path
+from loupe.schemas.layout import part_path, stats_path
+from loupe.schemas.records import ShardStats
 from loupe.workers.storage import Storage, join_uri
 
 

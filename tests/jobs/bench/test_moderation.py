@@ -2,7 +2,7 @@
 
 import json
 
-from loupe.jobs import bench_moderation
+from loupe.jobs.bench import moderation as bench_moderation
 
 
 def test_benchmark_runs_on_a_tiny_model(capsys):

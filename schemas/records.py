@@ -1,21 +1,16 @@
-"""The files a job keeps beside its parts: the frozen plan, per-shard stats, failures, manifest."""
+"""The records a job keeps beside its parts (job, shard stats, failure, manifest): one base, one way to read and write each."""
 
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-JOB_FILE = "_job.json"
-PLAN_FILE = "_plan.parquet"
-MANIFEST_FILE = "_manifest.json"
-PARTS_DIR = "parts"
-STATS_DIR = "_stats"
-FAILED_DIR = "_failed"
+from loupe.schemas.errors import DamagedOutput, one_line
+
 FORMAT_VERSION = 1
 
 
@@ -27,28 +22,6 @@ class ShardState(str, Enum):
     FAILED = "failed"
 
 
-def part_path(shard_id: int) -> str:
-    return f"{PARTS_DIR}/part-{shard_id:05d}.parquet"
-
-
-def stats_path(shard_id: int) -> str:
-    return f"{STATS_DIR}/shard-{shard_id:05d}.json"
-
-
-def failed_path(shard_id: int) -> str:
-    return f"{FAILED_DIR}/shard-{shard_id:05d}.json"
-
-
-_RECORD_NAME = re.compile(r"shard-(\d+)\.json")
-
-
-def shard_id_from_path(path: str) -> int | None:
-    """The shard number in a stats or failure record's file name; None for anything else
-    (such as the temp file of a write that a killed process left behind)."""
-    match = _RECORD_NAME.fullmatch(path.rsplit("/", 1)[-1])
-    return int(match.group(1)) if match else None
-
-
 def add_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
     """Sum per-key counts (error codes, flagged categories) over shards."""
     total: Counter[str] = Counter()
@@ -57,19 +30,26 @@ def add_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
     return dict(sorted(total.items()))
 
 
-class _Record:
-    """JSON round-trip for the dataclasses below."""
+class Record:
+    """JSON round-trip for the record dataclasses; keys a newer loupe added are ignored, missing ones refused."""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=2, sort_keys=True).encode() + b"\n"
 
     @classmethod
-    def from_json(cls, data: bytes | str) -> Any:
-        return cls(**json.loads(data))
+    def from_json(cls, data: bytes | str, source: str = "") -> Any:
+        """The record in `data`; DamagedOutput naming `source` if it is not one."""
+        try:
+            raw = json.loads(data)
+            names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+            return cls(**{k: v for k, v in raw.items() if k in names})
+        except (ValueError, TypeError, AttributeError) as exc:
+            what = source or f"a {cls.__name__}"
+            raise DamagedOutput(f"{what} is not a valid {cls.__name__} record: {one_line(exc)}") from None
 
 
 @dataclass
-class JobRecord(_Record):
+class JobRecord(Record):
     """OUTPUT/_job.json: the plan frozen when the job first starts."""
 
     settings: dict[str, Any]  # JobConfig.plan_settings()
@@ -81,7 +61,7 @@ class JobRecord(_Record):
 
 
 @dataclass
-class ShardStats(_Record):
+class ShardStats(Record):
     """OUTPUT/_stats/shard-NNNNN.json: written after the shard's part; its presence means done."""
 
     shard_id: int
@@ -103,7 +83,7 @@ class ShardStats(_Record):
 
 
 @dataclass
-class ShardFailure(_Record):
+class ShardFailure(Record):
     """OUTPUT/_failed/shard-NNNNN.json: the shard raised on every attempt; why, in one line."""
 
     shard_id: int
@@ -113,7 +93,7 @@ class ShardFailure(_Record):
 
 
 @dataclass
-class Manifest(_Record):
+class Manifest(Record):
     """OUTPUT/_manifest.json, written last: readers trust the parts it lists and nothing else."""
 
     complete: bool

@@ -16,7 +16,8 @@ from loupe.jobs.runner import run_job
 from loupe.jobs.status import job_status
 from loupe.schemas.config import JobConfig
 from loupe.schemas.errors import UserError
-from loupe.schemas.manifest import JOB_FILE, MANIFEST_FILE, STATS_DIR, Manifest, ShardStats
+from loupe.schemas.layout import JOB_FILE, MANIFEST_FILE, STATS_DIR
+from loupe.schemas.records import Manifest, ShardStats
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -210,7 +211,7 @@ def test_s3_input_and_output(sample_images, tiny_llava, tmp_path, s3_client, s3_
 
 def test_separate_moderation_replica_and_flagged_counts(sample_images, tiny_llava, tmp_path):
     from loupe.schemas.taxonomy import Category, Taxonomy
-    from loupe.workers.random_model import build_random_model
+    from loupe.workers.models.random import build_random_model
 
     judge = str(build_random_model(tmp_path / "judge", "llava-onevision", "tiny", seed=1))
     # Thresholds of 0 and 1 make the flags certain whatever random weights say.

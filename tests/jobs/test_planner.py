@@ -67,7 +67,7 @@ def test_plan_file_round_trip(tmp_path):
 
 
 def test_record_names_ignore_leftover_temp_files():
-    from loupe.schemas.manifest import shard_id_from_path
+    from loupe.schemas.layout import shard_id_from_path
 
     assert shard_id_from_path("s3://b/out/_stats/shard-00042.json") == 42
     assert shard_id_from_path("/out/_stats/.shard-00002.json.fdcdfbf0545a.tmp") is None

@@ -219,7 +219,7 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
 
 
 def _validate(options: BenchOptions) -> tuple[str, ...]:
-    from loupe.workers.random_model import FAMILIES, SIZES
+    from loupe.workers.models.random import FAMILIES, SIZES
 
     if options.family not in FAMILIES:
         raise UserError(f"unknown --family {options.family!r}; choose one of: {', '.join(FAMILIES)}")
@@ -267,7 +267,7 @@ def _check_memory(options: BenchOptions, device) -> int:
     replica's and the benchmark's own, which runs the model alone around each job.
     """
     import torch
-    from loupe.workers.random_model import parameter_count
+    from loupe.workers.models.random import parameter_count
 
     parameters = parameter_count(options.family, options.size)
     itemsize = 2 if device.type == "cuda" else 4
@@ -327,7 +327,7 @@ def _workdir(path: str | None) -> Iterator[Path]:
 
 def _checkpoint(work: Path, family: str, size: str, seed: int, device) -> str:
     """The random checkpoint under work/models/, built once; a half-built one is never reused."""
-    from loupe.workers.random_model import FULL_SIZE, build_random_model
+    from loupe.workers.models.random import FULL_SIZE, build_random_model
 
     dest = work / "models" / f"{family}-{size}-seed{seed}"
     if not (dest / ".complete").exists():
@@ -548,7 +548,8 @@ def _end_to_end(
     shard_size: int,
 ) -> _Phase:
     from loupe.jobs.runner import run_job
-    from loupe.schemas.manifest import STATS_DIR, ShardStats
+    from loupe.schemas.layout import STATS_DIR
+    from loupe.schemas.records import ShardStats
     from loupe.workers.storage import join_uri, open_storage
 
     run = uuid.uuid4().hex[:12]
@@ -798,7 +799,7 @@ def _machine(device) -> dict[str, Any]:
 
 def _targets(options: BenchOptions, device, efficiency: float, speedup: float, e2e_rate: float) -> dict[str, bool]:
     """Issue 5's targets that apply to this run."""
-    from loupe.workers.random_model import FULL_SIZE
+    from loupe.workers.models.random import FULL_SIZE
 
     if device.type == "cpu" and options.size == "small":
         return {"efficiency >= 0.9": efficiency >= 0.9, "speed-up over naive >= 5": speedup >= 5}

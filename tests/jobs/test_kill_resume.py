@@ -11,7 +11,8 @@ import pytest
 
 from loupe.jobs.runner import run_job
 from loupe.schemas.config import JobConfig
-from loupe.schemas.manifest import MANIFEST_FILE, STATS_DIR, Manifest
+from loupe.schemas.layout import MANIFEST_FILE, STATS_DIR
+from loupe.schemas.records import Manifest
 
 
 def _rows(output):

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from loupe.jobs import index as index_module
-from loupe.jobs.index import (
+from loupe.jobs import indexing as index_module
+from loupe.jobs.indexing import (
     TRAIN_SHARE,
     IndexChoice,
     IndexRecord,

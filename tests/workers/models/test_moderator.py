@@ -11,9 +11,9 @@ from PIL import Image
 
 from loupe.schemas.errors import UserError
 from loupe.schemas.taxonomy import DEFAULT_TAXONOMY, QUESTION, Category, Taxonomy
-from loupe.workers.captioner import Captioner
-from loupe.workers.moderator import Moderator
-from loupe.workers.random_model import FAMILIES, build_random_model
+from loupe.workers.models.captioner import Captioner
+from loupe.workers.models.moderator import Moderator
+from loupe.workers.models.random import FAMILIES, build_random_model
 
 # (width, height): in llava-next and llava-onevision every aspect ratio gets its own anyres
 # tile grid, so its own prefix length, and a batch needs real left padding.

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from loupe.schemas.config import JobConfig
-from loupe.schemas.manifest import ShardStats, part_path, stats_path
+from loupe.schemas.layout import part_path, stats_path
+from loupe.schemas.records import ShardStats
 from loupe.schemas.plan import Shard, ShardKind
 from loupe.schemas.rows import OUTPUT_SCHEMA
 from loupe.schemas.taxonomy import Category, Taxonomy
@@ -132,7 +133,7 @@ def test_real_tiny_model_captions(sample_images, tmp_path, tiny_llava):
 
 def test_poison_corpus_every_file_becomes_a_row(tmp_path):
     """A shard of every hazard: no exception, one row per file, each ok or with its code."""
-    from poison import make_poison_corpus
+    from tests.poison import make_poison_corpus
 
     corpus = make_poison_corpus(tmp_path / "poison")
     names = sorted(corpus)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from loupe.schemas.codes import ErrorCode
 from loupe.workers.decode import DecodeError, decode_image, decode_sized, needed_side
-from poison import make_poison_corpus
+from tests.poison import make_poison_corpus
 
 # pytest resets warning filters around each test; restore the one decode installs at import, so
 # these tests see what production sees.

@@ -13,7 +13,7 @@ import torch
 from loupe.schemas.config import DEFAULT_IMAGE_EMBEDDING_MODEL as DEFAULT_IMAGE_MODEL
 from loupe.schemas.config import DEFAULT_TEXT_EMBEDDING_MODEL as DEFAULT_TEXT_MODEL
 from loupe.schemas.errors import UserError
-from loupe.workers.captioner import _DTYPES, _LOAD_ERRORS, _load_error
+from loupe.workers.models.captioner import _DTYPES, _LOAD_ERRORS, _load_error
 
 if TYPE_CHECKING:
     from PIL import Image

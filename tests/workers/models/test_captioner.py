@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from loupe.schemas.errors import UserError
-from loupe.workers.captioner import Captioner, check_model
-from loupe.workers.random_model import FAMILIES, build_random_model
+from loupe.workers.models.captioner import Captioner, check_model
+from loupe.workers.models.random import FAMILIES, build_random_model
 
 # (width, height): every aspect ratio gets its own anyres tile grid and so its own number of
 # image tokens in llava-next and llava-onevision, which forces real left padding in a batch;

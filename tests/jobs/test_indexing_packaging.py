@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from loupe.jobs import index as index_module
+from loupe.jobs import indexing as index_module
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_faiss_comes_from_exactly_one_extra():
@@ -37,7 +37,7 @@ def test_without_faiss_the_import_says_what_to_install():
         "import sys; sys.modules['faiss'] = None\n"
         "from loupe.schemas.errors import UserError\n"
         "try:\n"
-        "    import loupe.jobs.index\n"
+        "    import loupe.jobs.indexing\n"
         "except UserError as exc:\n"
         "    assert isinstance(exc, ImportError)\n"
         "    print(exc)\n"
@@ -102,9 +102,9 @@ def test_inside_a_ray_actor_faiss_uses_the_actors_cpus(ray_cluster):
     @ray.remote(num_cpus=1)
     class Probe:
         def threads(self) -> tuple[int, int]:
-            from loupe.jobs import index
+            from loupe.jobs import indexing
 
-            return index.cpu_share(), index.faiss.omp_get_max_threads()
+            return indexing.cpu_share(), indexing.faiss.omp_get_max_threads()
 
     probe = Probe.remote()
     try:

@@ -9,7 +9,8 @@ from loupe.jobs.cli import app
 from loupe.jobs.evaluate import evaluate
 from loupe.schemas.config import JobConfig
 from loupe.schemas.errors import UserError
-from loupe.schemas.manifest import JOB_FILE, MANIFEST_FILE, JobRecord, Manifest
+from loupe.schemas.layout import JOB_FILE, MANIFEST_FILE
+from loupe.schemas.records import JobRecord, Manifest
 from loupe.schemas.rows import output_schema
 from loupe.schemas.taxonomy import Category, Taxonomy
 from loupe.workers.storage import LocalStorage

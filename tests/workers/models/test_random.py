@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 from loupe.schemas.errors import UserError
-from loupe.workers.random_model import FAMILIES, build_random_model
+from loupe.workers.models.random import FAMILIES, build_random_model
 from PIL import Image
 
 EXPECTED = {
@@ -81,7 +81,7 @@ def test_same_seed_same_files_other_seed_other_weights(checkpoints, tmp_path):
 
 
 def test_same_seed_same_captions(checkpoints, tmp_path):
-    from loupe.workers.captioner import Captioner
+    from loupe.workers.models.captioner import Captioner
 
     images = [Image.new("RGB", (40, 30), "red"), Image.new("RGB", (30, 90), "blue")]
     rebuilt = build_random_model(tmp_path / "again", "llava", "tiny", seed=0)
@@ -109,7 +109,7 @@ FULL_SIZE_PARAMETERS = {"llava": 7.06e9, "llava-next": 7.57e9, "llava-onevision"
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_7b_shapes_are_the_public_checkpoints_counted_on_the_meta_device(family):
-    from loupe.workers.random_model import parameter_count, random_model_config
+    from loupe.workers.models.random import parameter_count, random_model_config
 
     count = parameter_count(family, "7b")
     assert count == pytest.approx(FULL_SIZE_PARAMETERS[family], rel=0.005)
@@ -139,7 +139,7 @@ def test_7b_is_never_built_on_the_cpu(tmp_path):
 
 
 def test_parameter_count_matches_the_built_checkpoint(checkpoints):
-    from loupe.workers.random_model import parameter_count
+    from loupe.workers.models.random import parameter_count
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(checkpoints["llava-next"])

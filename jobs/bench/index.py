@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import faiss
 import numpy as np
-from loupe.jobs.index import (
+from loupe.jobs.indexing import (
     apply_params,
     build_index,
     choose_index,

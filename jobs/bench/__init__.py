@@ -1,0 +1,1 @@
+"""The benchmarks behind `loupe bench job|moderation|index`."""

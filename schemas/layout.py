@@ -1,0 +1,49 @@
+"""OUTPUT's layout: every file and folder name a job writes, and the paths built from them."""
+
+from __future__ import annotations
+
+import re
+
+JOB_FILE = "_job.json"
+PLAN_FILE = "_plan.parquet"
+MANIFEST_FILE = "_manifest.json"
+PARTS_DIR = "parts"
+STATS_DIR = "_stats"
+FAILED_DIR = "_failed"
+INDEX_DIR = "index"
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.parquet"
+INDEX_RECORD_FILE = "index.json"
+
+
+def part_path(shard_id: int) -> str:
+    return f"{PARTS_DIR}/part-{shard_id:05d}.parquet"
+
+
+def stats_path(shard_id: int) -> str:
+    return f"{STATS_DIR}/shard-{shard_id:05d}.json"
+
+
+def failed_path(shard_id: int) -> str:
+    return f"{FAILED_DIR}/shard-{shard_id:05d}.json"
+
+
+def index_path(kind: str, name: str = "") -> str:
+    """A file of the `kind` index's folder (the folder itself without a name)."""
+    return f"{INDEX_DIR}/{kind}/{name}" if name else f"{INDEX_DIR}/{kind}"
+
+
+_RECORD_NAME = re.compile(r"shard-(\d+)\.json")
+
+
+def shard_id_from_path(path: str) -> int | None:
+    """The shard number in a stats or failure record's file name; None for anything else
+    (such as the temp file of a write that a killed process left behind)."""
+    match = _RECORD_NAME.fullmatch(path.rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
+def is_leftover_temp(path: str) -> bool:
+    """A local write's temp file (".name.<hex>.tmp") that a killed run never renamed into place."""
+    name = path.rsplit("/", 1)[-1]
+    return name.startswith(".") and name.endswith(".tmp")

@@ -1,0 +1,1 @@
+"""The FAISS library: choosing, building, encoding and tuning an index; it knows nothing of OUTPUT."""

@@ -1,0 +1,1 @@
+"""Model stages loaded once and called on batches: captioner, moderator, embedders, and their loading."""
