@@ -7,18 +7,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loupe.jobs.indexing import (
-    KINDS,
-    MODEL_SETTINGS,
-    IdMap,
-    IndexRecord,
-    apply_params,
-    load_index,
-    read_job_settings,
-)
-from loupe.schemas.errors import UserError
+from loupe.jobs.indexing import KINDS, MODEL_SETTINGS, load_index
+from loupe.jobs.output import find_job, find_manifest
+from loupe.schemas.errors import DamagedOutput, UserError
+from loupe.schemas.records import IndexRecord
+from loupe.workers.index.ids import IdMap
+from loupe.workers.index.library import faiss
+from loupe.workers.index.tune import apply_params
 from loupe.workers.storage import Storage, join_uri, open_storage
 
 # A filtered search asks for this many times k first, then four times more each round, so a
@@ -78,7 +76,8 @@ def search(
         raise UserError("--exclude-flagged and --flagged CATEGORY ask for opposite rows; give one of them")
 
     storage = open_storage(output, endpoint_url)
-    settings = read_job_settings(storage, output)
+    job = find_job(storage, output)
+    settings = job.settings if job else {}
     if exclude_flagged or flagged is not None:
         _check_moderation(settings, flagged)
     query_bytes = _read_query_image(image, endpoint_url) if image is not None else None
@@ -95,7 +94,9 @@ def search(
             f"the {kind} index holds vectors of {record.model!r} but the job now uses {model!r}; "
             f"rebuild it with loupe index {output}"
         )
-    query = _embed_query(kind, model, text, query_bytes, image)
+    manifest = find_manifest(storage, output)
+    decode_side = manifest.decode_side if manifest else None
+    query = _embed_query(kind, model, text, query_bytes, image, decode_side)
     if query.shape[1] != record.dim:
         raise UserError(
             f"model {model!r} makes {query.shape[1]}-dimensional vectors but the {kind} index holds "
@@ -153,13 +154,16 @@ def _read_query_image(image: str, endpoint_url: str | None) -> bytes:
         raise UserError(f"cannot read image {image}: permission denied") from None
 
 
-def _embed_query(kind: str, model: str, text: str | None, data: bytes | None, name: str | None) -> np.ndarray:
+def _embed_query(
+    kind: str, model: str, text: str | None, data: bytes | None, name: str | None, decode_side: int | None
+) -> np.ndarray:
     if data is not None:
-        from loupe.workers.decode import DecodeError, decode_image
+        from loupe.workers.decode import DecodeError, decode_sized
         from loupe.workers.models.embedder import ImageEmbedder
 
         try:
-            picture = decode_image(data)
+            # Decoded as the job decoded its images, so a catalog image finds itself first.
+            picture, _ = decode_sized(data, min_side=decode_side)
         except DecodeError as exc:
             raise UserError(f"cannot read image {name}: {exc}") from None
         return ImageEmbedder(model, device="cpu").embed_images([picture])
@@ -174,8 +178,6 @@ def _embed_query(kind: str, model: str, text: str | None, data: bytes | None, na
 
 def _widen(index, record: IndexRecord) -> bool:
     """Double nprobe (an IVF index's candidate lists run dry before k' results); False at the limit."""
-    import faiss
-
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None or ivf.nprobe >= ivf.nlist:
         return False
@@ -195,8 +197,9 @@ def _hits(found: list[tuple[float, int]], ids: IdMap, rows: _PartRows, keep, k: 
     for (score, _), (image_id, part, row) in zip(found, located, strict=True):
         detail = details[part, row]
         if detail["image_id"] != image_id:
-            raise UserError(
-                "the index no longer matches the parts (a part was rewritten); rebuild it with loupe index"
+            raise DamagedOutput(
+                f"the index no longer matches {rows.uri(part)} (a part was rewritten); "
+                f"rebuild it with loupe index {rows.output}"
             )
         if not keep(detail):
             continue
@@ -239,15 +242,20 @@ class _PartRows:
                 out[part, row] = self._groups[part, group][row - start]
         return out
 
+    def uri(self, part: int) -> str:
+        return join_uri(self.output, self.parts[part]["path"])
+
     def _open(self, part: int) -> tuple[pq.ParquetFile, np.ndarray, list[str]]:
         if part not in self._files:
-            uri = join_uri(self.output, self.parts[part]["path"])
+            uri = self.uri(part)
             try:
                 parquet = pq.ParquetFile(self.storage.open_seekable(uri))
             except FileNotFoundError:
-                raise UserError(
+                raise DamagedOutput(
                     f"{uri}, indexed, is missing; rebuild the index with loupe index {self.output}"
                 ) from None
+            except pa.ArrowInvalid as exc:
+                raise DamagedOutput(f"{uri} is not a readable Parquet part ({str(exc).splitlines()[0]})") from None
             sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
             starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
             columns = [c for c in _DETAIL_COLUMNS if c in parquet.schema_arrow.names]

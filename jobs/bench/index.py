@@ -7,24 +7,20 @@ link, whatever the file format), its recall@10 and its per-query latency.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import json
 import multiprocessing
 import os
 import tempfile
 import time
 from collections.abc import Iterator
 
-import faiss
 import numpy as np
-from loupe.jobs.indexing import (
-    apply_params,
-    build_index,
-    choose_index,
-    format_size,
-    recall_at_k,
-)
+
+from loupe.workers.index.build import build_index
+from loupe.workers.index.choose import choose_index, format_size
+from loupe.workers.index.library import faiss
+from loupe.workers.index.threads import use_cpu_share
+from loupe.workers.index.tune import apply_params, recall_at_k
 
 CLUSTERS = 1000
 BATCH = 50_000
@@ -103,6 +99,7 @@ def _heap_bytes() -> int | None:
 
 def _serve(path: str, params: dict, queries: np.ndarray, truth: np.ndarray, k: int, results) -> None:
     """In a fresh process: read the index file as load_index does, then search it."""
+    use_cpu_share()
     heap, resident = _heap_bytes(), _resident_bytes()
     index = faiss.read_index(path)
     apply_params(index, params)
@@ -155,6 +152,7 @@ def run(
     k: int = 10,
     seed: int = 0,
 ) -> dict:
+    use_cpu_share()
     data = ClusteredVectors(n, dim, seed)
     flat_bytes = 4 * n * dim
     budget = int(flat_bytes * budget_fraction)
@@ -249,24 +247,3 @@ def table(result: dict) -> str:
         f"{result['memory_ratio']:.3f} of flat's bytes"
     )
     return "\n".join(lines)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--vectors", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=768)
-    parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--budget-fraction", type=float, default=0.25, help="memory budget as a share of flat's bytes"
-    )
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = parser.parse_args()
-    result = run(
-        args.vectors, args.dim, budget_fraction=args.budget_fraction, queries=args.queries, seed=args.seed
-    )
-    print(json.dumps(result, indent=2) if args.json else table(result))
-
-
-if __name__ == "__main__":
-    main()

@@ -8,9 +8,11 @@ import sys
 import types
 from pathlib import Path
 
+import faiss
 import pytest
 import tomllib
-from loupe.jobs import indexing as index_module
+
+from loupe.workers.index import threads
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,6 +48,16 @@ def test_without_faiss_the_import_says_what_to_install():
     assert out == "faiss is not installed: pip install 'loupe[cpu]' (or 'loupe[gpu]' on CUDA 12)\n"
 
 
+def test_importing_the_index_modules_leaves_faiss_threads_alone():
+    code = (
+        "import faiss; faiss.omp_set_num_threads(37)\n"
+        "import loupe.jobs.indexing, loupe.jobs.search, loupe.jobs.bench.index\n"
+        "print(faiss.omp_get_max_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out == "37\n"
+
+
 @pytest.mark.parametrize("args", [["index", "OUT"], ["search", "OUT", "a red bicycle"]])
 def test_without_faiss_the_commands_say_it_in_one_line(args, tmp_path):
     code = (
@@ -60,39 +72,38 @@ def test_without_faiss_the_commands_say_it_in_one_line(args, tmp_path):
 
 def test_threads_follow_the_affinity_mask_and_the_cgroup_quota(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
-    monkeypatch.setattr(index_module, "_ray_cpus", lambda: None)
-    monkeypatch.setattr(index_module, "_cgroup_cpus", lambda: None)
-    assert index_module.cpu_share() == 6
-    monkeypatch.setattr(index_module, "_cgroup_cpus", lambda: 2.5)  # docker --cpus=2.5
-    assert index_module.cpu_share() == 2
-    monkeypatch.setattr(index_module, "_cgroup_cpus", lambda: 0.5)
-    assert index_module.cpu_share() == 1
+    monkeypatch.setattr(threads, "ray_cpus", lambda: None)
+    monkeypatch.setattr(threads, "cgroup_cpus", lambda: None)
+    assert threads.cpu_share() == 6
+    monkeypatch.setattr(threads, "cgroup_cpus", lambda: 2.5)  # docker --cpus=2.5
+    assert threads.cpu_share() == 2
+    monkeypatch.setattr(threads, "cgroup_cpus", lambda: 0.5)
+    assert threads.cpu_share() == 1
 
 
 def test_threads_follow_a_ray_share_when_ray_runs_this_process(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    monkeypatch.setattr(index_module, "_cgroup_cpus", lambda: None)
+    monkeypatch.setattr(threads, "cgroup_cpus", lambda: None)
     context = types.SimpleNamespace(get_assigned_resources=lambda: {"CPU": 3.0, "memory": 1e9})
     fake_ray = types.SimpleNamespace(is_initialized=lambda: True, get_runtime_context=lambda: context)
     monkeypatch.setitem(sys.modules, "ray", fake_ray)
-    assert index_module.cpu_share() == 3
+    assert threads.cpu_share() == 3
     # The driver holds no resources: its affinity mask decides.
     context.get_assigned_resources = dict
-    assert index_module.cpu_share() == 16
+    assert threads.cpu_share() == 16
 
 
 def test_an_explicit_omp_num_threads_is_left_alone(monkeypatch):
-    faiss = index_module.faiss
-    threads = faiss.omp_get_max_threads()
+    count = faiss.omp_get_max_threads()
     try:
         faiss.omp_set_num_threads(1)
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
-        monkeypatch.setattr(index_module, "cpu_share", lambda: 7)
-        assert index_module.use_cpu_share() == 1
+        monkeypatch.setattr(threads, "cpu_share", lambda: 7)
+        assert threads.use_cpu_share() == 1
         monkeypatch.delenv("OMP_NUM_THREADS")
-        assert index_module.use_cpu_share() == 7
+        assert threads.use_cpu_share() == 7
     finally:
-        faiss.omp_set_num_threads(threads)
+        faiss.omp_set_num_threads(count)
 
 
 @pytest.mark.timeout(120)
@@ -102,9 +113,11 @@ def test_inside_a_ray_actor_faiss_uses_the_actors_cpus(ray_cluster):
     @ray.remote(num_cpus=1)
     class Probe:
         def threads(self) -> tuple[int, int]:
-            from loupe.jobs import indexing
+            from loupe.workers.index.library import faiss
+            from loupe.workers.index.threads import cpu_share, use_cpu_share
 
-            return indexing.cpu_share(), indexing.faiss.omp_get_max_threads()
+            use_cpu_share()  # as load_index and build_output_index do before any FAISS work
+            return cpu_share(), faiss.omp_get_max_threads()
 
     probe = Probe.remote()
     try:

@@ -1,0 +1,119 @@
+"""choose_index on plain numbers: the index type and shape for a count, a dimension and a budget; sizes."""
+
+from __future__ import annotations
+
+import faiss
+import pytest
+
+from loupe.schemas.errors import UserError
+from loupe.workers.index.choose import TRAIN_SHARE, choose_index, parse_size
+
+GB = 10**9
+
+
+def test_small_sets_are_searched_exactly():
+    assert choose_index(1, 768, GB).kind == "flat"
+    assert choose_index(9_999, 768, GB).factory == "Flat"
+
+
+def test_hnsw_when_its_graph_fits_the_budget():
+    choice = choose_index(50_000, 768, GB)
+    assert (choice.kind, choice.factory, choice.hnsw_m) == ("hnsw", "HNSW32", 32)
+    # Room for 4·d + 8·M bytes a vector with M = 12 only: a sparser graph, still HNSW.
+    tight = choose_index(50_000, 768, 50_000 * (4 * 768 + 8 * 12))
+    assert (tight.kind, tight.hnsw_m) == ("hnsw", 12)
+
+
+def test_ivf_flat_below_a_million_when_hnsw_does_not_fit():
+    # 1.555 GB: HNSW would get M = 4; IVF lists take 4·768 + 8 bytes a vector plus the centroids.
+    choice = choose_index(500_000, 768, 1_555_000_000)
+    assert choice.kind == "ivf_flat"
+    assert choice.factory == "IVF2048_HNSW32,Flat"  # 4·sqrt(500k) = 2828 -> 2^11 (nearest power of two)
+    assert choice.estimated_bytes == 500_000 * (4 * 768 + 8) + 2048 * (4 * 768 + 8 * 32)
+    assert choice.train_vectors == 100 * 2048
+    assert choice.train_vectors * 4 * 768 <= TRAIN_SHARE * 1_555_000_000
+
+
+def test_large_sets_get_compressed_codes_within_the_budget():
+    # The benchmark's case: a quarter of flat's memory for 1M x 768 is 768 bytes a vector, too
+    # little for SQ8's 768 bytes of code plus 8 of id: 7-bit Lloyd-Max codes behind a rotation.
+    choice = choose_index(1_000_000, 768, 768_000_000)
+    assert choice.kind == "ivf_lloyd" and choice.factory == "RR768,IVF4096_HNSW32,PQ768x7np"  # 4·sqrt(1M) = 4000
+    assert choice.m == 768 * 7 // 8
+    assert choice.estimated_bytes == (
+        1_000_000 * (672 + 8) + 4096 * (4 * 768 + 8 * 32) + 4 * 768 * 768 + 4 * 768 * 128
+    )
+    assert choice.train_vectors == int(0.75 * 768_000_000) // (4 * 768)  # 46 points a list
+    # Room for a byte a dimension and the rest: SQ8, scanned fastest.
+    roomy = choose_index(1_000_000, 768, 800_000_000)
+    assert (roomy.kind, roomy.factory) == ("ivf_sq", "IVF4096_HNSW32,SQ8")
+    # Less room, fewer bits: 6, then 5 bits a dimension, then SQ4.
+    assert choose_index(1_000_000, 768, 600_000_000).factory.endswith(",PQ768x6np")
+    assert choose_index(1_000_000, 768, 500_000_000).factory.endswith(",PQ768x5np")
+    assert choose_index(1_000_000, 768, 400_000_000).factory.endswith(",SQ4")
+    # Half that budget cannot hold 39 training points for each of 4096 lists.
+    assert choose_index(1_000_000, 768, 384_000_000).factory.startswith("IVF2048_HNSW32")
+    # A hundred million vectors in 4 GB: PQ behind an OPQ rotation, an HNSW coarse quantizer.
+    big = choose_index(100_000_000, 768, 4 * GB)
+    assert big.kind == "ivf_pq" and big.factory.startswith("OPQ") and "_HNSW32," in big.factory
+    assert big.factory.endswith(f"PQ{big.m}x8np") and big.m <= 768 // 4
+
+
+@pytest.mark.parametrize("n", [10_000, 123_456, 1_000_000, 30_000_000, 2_000_000_000])
+@pytest.mark.parametrize("dim", [64, 384, 768])
+@pytest.mark.parametrize("budget", [10**8, GB, 16 * GB, 256 * GB])
+def test_every_choice_fits_its_budget(n, dim, budget):
+    try:
+        choice = choose_index(n, dim, budget)
+    except UserError as exc:
+        assert "too small" in str(exc) and "\n" not in str(exc)
+        assert budget < n * 32  # only refused when not even the smallest code fits
+        return
+    assert choice.estimated_bytes <= budget
+    assert choice.train_vectors * 4 * dim <= TRAIN_SHARE * budget
+    assert choice.train_vectors <= n
+    if choice.nlist:
+        assert choice.nlist & (choice.nlist - 1) == 0
+        assert choice.train_vectors >= 39 * choice.nlist
+        faiss.index_factory(dim, choice.factory, faiss.METRIC_INNER_PRODUCT)  # a valid factory string
+
+
+def test_more_budget_never_means_a_coarser_index():
+    order = ["ivf_pq", "codes", "ivf_flat", "hnsw", "flat"]
+    budgets = [10**8, 1.2 * 10**8, 1.5 * 10**8, 1.8 * 10**8, 2 * 10**8, 3 * 10**8, 7 * 10**8, 2 * GB]
+    choices = [choose_index(400_000, 384, int(budget)) for budget in budgets]
+    # One code a dimension (SQ4, Lloyd-Max at 5 to 7 bits, SQ8) ranks by its bytes.
+    ranks = [
+        (order.index("codes" if c.kind in ("ivf_sq", "ivf_lloyd") else c.kind), c.m if c.kind in ("ivf_sq", "ivf_lloyd") else 0)
+        for c in choices
+    ]
+    assert ranks == sorted(ranks)
+    assert {c.kind for c in choices} >= {"ivf_sq", "ivf_lloyd", "hnsw"}
+
+
+def test_impossible_budgets_and_counts_are_user_errors():
+    with pytest.raises(UserError, match="too small"):
+        choose_index(5_000, 768, 1000)
+    with pytest.raises(UserError, match="no vectors"):
+        choose_index(0, 768, GB)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("4GB", 4 * 10**9),
+        ("512MiB", 512 << 20),
+        ("1e9", 10**9),
+        ("4G", 4 << 30),
+        ("1.5 kb", 1500),
+        ("100", 100),
+    ],
+)
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "GB", "four", "4XB", "-1GB", "0", "4iB"])
+def test_bad_sizes_are_user_errors(text):
+    with pytest.raises(UserError, match="size"):
+        parse_size(text)

@@ -1,0 +1,212 @@
+"""Which FAISS index fits a number of vectors in a memory budget, and the sizes that budgets are given in."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from loupe.schemas.errors import UserError
+
+# Exact search over 10k vectors costs about a millisecond, less than embedding the query, so
+# below that an approximate index would only lose recall. (autofaiss stops at 1k.)
+FLAT_MAX_VECTORS = 10_000
+# PQ's 256-centroid codebooks and IVF's lists need this many vectors to train on.
+QUANTIZE_MIN_VECTORS = 10_000
+# Above this, uncompressed IVF lists cost as much memory as flat for little gain (autofaiss's limit).
+IVF_FLAT_MAX_VECTORS = 1_000_000
+HNSW_MAX_M = 32
+HNSW_MIN_M = 8  # sparser graphs lose recall faster than they save memory
+COARSE_HNSW_MIN_NLIST = 1024  # below this, exact assignment to the centroids is as fast
+POINTS_PER_CENTROID = 100  # k-means needs ~100 points per centroid to place it well...
+MIN_POINTS_PER_CENTROID = 39  # ...and faiss warns below 39
+MAX_NLIST = 1 << 18
+PQ_CODE_BYTES = (256, 192, 128, 96, 64, 48, 32, 24, 16, 8)  # best first
+PQ_TRAIN_POINTS = 256 * MIN_POINTS_PER_CENTROID
+LLOYD_BITS = (7, 6, 5)  # per dimension, between SQ8 and SQ4
+OPQ_MIN_SUBVECTOR = 8
+ID_BYTES = 8  # faiss stores an int64 id beside every code in an inverted list
+# Of the memory budget, for the training sample: the index is still empty while it trains, and
+# every list needs 39 points. More lists mean shorter lists to scan (1M x 768 with SQ6: 3.5 ms a
+# query with 4096 lists, 9.4 ms with 2048) and smaller residuals to encode (recall@10 0.954 ->
+# 0.969 from 512 to 2048 lists on 300k vectors; no gain from 2048 to 4096 at 1M).
+TRAIN_SHARE = 0.75
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """An index type and its shape: what choose_index decided and why it fits the budget."""
+
+    kind: str  # "flat" | "hnsw" | "ivf_flat" | "ivf_sq" | "ivf_lloyd" | "ivf_pq"
+    factory: str  # faiss.index_factory string
+    nlist: int | None = None  # IVF lists
+    m: int | None = None  # code bytes per vector (SQ or PQ)
+    hnsw_m: int | None = None  # graph degree of the HNSW index or of the IVF's coarse quantizer
+    opq_dim: int | None = None  # dimension after the OPQ rotation
+    train_vectors: int = 0  # size of the training sample; 0 when the index needs no training
+    estimated_bytes: int = 0  # the index in memory once every vector is added
+
+
+def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int) -> IndexChoice:
+    """The index for `n_vectors` unit vectors of `dim` within the budget, by autofaiss's rules.
+
+    Flat below FLAT_MAX_VECTORS; else HNSW with the densest graph (8..32) that fits; else, below
+    1M vectors, IVF with flat lists if they fit; else IVF (with an HNSW coarse quantizer when
+    the lists are many) with the most precise codes that fit: 8 bits per dimension (SQ8), then
+    7, 6 or 5 (a Lloyd-Max codebook per dimension behind a random rotation), then 4 (SQ4), then
+    PQ (behind an OPQ rotation where sub-vectors are long) with the largest code. nlist is the
+    power of two nearest 4·sqrt(n), lowered until the training sample (at most TRAIN_SHARE of the budget) holds MIN_POINTS_PER_CENTROID points per list.
+    """
+    if n_vectors < 1:
+        raise UserError("there are no vectors to index")
+    if dim < 1:
+        raise ValueError(f"dimension must be positive, got {dim}")
+    if memory_budget_bytes < 1:
+        raise UserError(f"the memory budget must be positive, got {memory_budget_bytes}")
+    n, budget = n_vectors, memory_budget_bytes
+    flat_bytes = 4 * dim * n
+    if n < FLAT_MAX_VECTORS and flat_bytes <= budget:
+        return IndexChoice("flat", "Flat", estimated_bytes=flat_bytes)
+    # HNSW keeps the raw vectors and 2·M int32 links per vector on its bottom layer.
+    hnsw_m = min(HNSW_MAX_M, (budget // n - 4 * dim) // 8)
+    if hnsw_m >= HNSW_MIN_M:
+        return IndexChoice("hnsw", f"HNSW{hnsw_m}", hnsw_m=hnsw_m, estimated_bytes=n * (4 * dim + 8 * hnsw_m))
+    too_small = UserError(
+        f"a memory budget of {format_size(budget)} is too small for {n:,} vectors of dimension {dim}; "
+        "raise --memory-budget"
+    )
+    if n < QUANTIZE_MIN_VECTORS:
+        raise too_small
+    max_train = int(budget * TRAIN_SHARE) // (4 * dim)
+    nlist = _nlist(n, max_train)
+    if nlist is None:
+        raise too_small
+    train = min(n, POINTS_PER_CENTROID * nlist, max_train)
+    coarse_m = HNSW_MAX_M if nlist >= COARSE_HNSW_MIN_NLIST else None
+    coarse = f"IVF{nlist}_HNSW{coarse_m}" if coarse_m else f"IVF{nlist}"
+
+    def quantizer_bytes(d: int) -> int:
+        return nlist * (4 * d + (8 * coarse_m if coarse_m else 0))
+
+    if n < IVF_FLAT_MAX_VECTORS:
+        size = n * (4 * dim + ID_BYTES) + quantizer_bytes(dim)
+        if size <= budget:
+            return IndexChoice(
+                "ivf_flat",
+                f"{coarse},Flat",
+                nlist=nlist,
+                hnsw_m=coarse_m,
+                train_vectors=train,
+                estimated_bytes=size,
+            )
+    # Then one code per dimension, the finest that fits. Recall at this size is limited by the
+    # codes' precision, not by how many lists are probed (200k x 768 clustered vectors, 2048
+    # lists: flat lists reach recall@10 0.999 at nprobe 4, where SQ8 stops at 0.992, SQ6 at 0.971
+    # and SQ4 at 0.898 however many lists are probed), so every bit counts.
+    #
+    # 8 bits: faiss's uniform SQ8, scanned fastest.
+    size = n * (dim + ID_BYTES) + quantizer_bytes(dim) + 8 * dim
+    if size <= budget:
+        return IndexChoice(
+            "ivf_sq", f"{coarse},SQ8", nlist=nlist, m=dim, hnsw_m=coarse_m, train_vectors=train, estimated_bytes=size
+        )
+    # 7 to 5 bits: a Lloyd-Max codebook per dimension (a PQ with one-dimensional sub-vectors,
+    # trained by codes.train_lloyd_max): at equal bits the scalar code of least squared error, half
+    # or less that of a uniform SQ over the sample's range (and faiss has no 5- or 7-bit SQ).
+    # Behind a random rotation, as in EDEN or RaBitQ: the error of a per-dimension code grows
+    # with each dimension's spread, and a query weighs most the dimensions where the data spreads
+    # most (embedding models, CLIP among them, have a few dimensions of outsized variance), so
+    # the rotation spreads the data, and with it the error, evenly over all dimensions: never
+    # worse, often better. Same data as above: 7 bits 0.985 (even with faiss's own k-means
+    # codebooks) where SQ6 stops at 0.971. (Cutting dimensions with PCA to fit SQ8 instead
+    # loses more: SQ8 on 736 of the 768 dims, 0.960.)
+    for bits in LLOYD_BITS:
+        code = -(-dim * bits // 8)  # b-bit codes packed end to end
+        size = (
+            n * (code + ID_BYTES)
+            + quantizer_bytes(dim)
+            + 4 * dim * dim  # the rotation
+            + 4 * dim * (1 << bits)  # the codebooks
+        )
+        if size <= budget:
+            return IndexChoice(
+                "ivf_lloyd",
+                f"RR{dim},{coarse},PQ{dim}x{bits}np",
+                nlist=nlist,
+                m=code,
+                hnsw_m=coarse_m,
+                train_vectors=train,
+                estimated_bytes=size,
+            )
+    # 4 bits: uniform SQ4, faster to scan than a 4-bit codebook per dimension.
+    size = n * (dim // 2 + ID_BYTES) + quantizer_bytes(dim) + 8 * dim
+    if size <= budget:
+        return IndexChoice(
+            "ivf_sq", f"{coarse},SQ4", nlist=nlist, m=dim // 2, hnsw_m=coarse_m, train_vectors=train, estimated_bytes=size
+        )
+    # PQ's 256-centroid codebooks want 39 points per centroid as much as the lists do.
+    train = max(train, min(n, max_train, PQ_TRAIN_POINTS))
+    for m in PQ_CODE_BYTES:
+        if m > dim // 4:  # from here on SQ4 is as small and both better and faster to train
+            continue
+        padded = -(-dim // m) * m  # an OPQ rotation pads to a multiple of m
+        # OPQ retrains the PQ ~50 times; it is worth it where sub-vectors are long enough for
+        # uneven variance between them to hurt (its training time also grows fastest when short).
+        opq = padded // m >= OPQ_MIN_SUBVECTOR
+        work_dim = padded if opq else dim
+        if not opq and dim % m:
+            continue
+        size = (
+            n * (m + ID_BYTES)
+            + quantizer_bytes(work_dim)
+            + (4 * dim * work_dim if opq else 0)  # the rotation matrix
+            + 4 * 256 * work_dim  # the PQ codebooks
+        )
+        if size <= budget:
+            return IndexChoice(
+                "ivf_pq",
+                # "np": no polysemous training, which takes minutes at large m and serves only
+                # Hamming-threshold filtering that this search does not use.
+                f"{f'OPQ{m}_{padded},' if opq else ''}{coarse},PQ{m}x8np",
+                nlist=nlist,
+                m=m,
+                hnsw_m=coarse_m,
+                opq_dim=padded if opq else None,
+                train_vectors=train,
+                estimated_bytes=size,
+            )
+    raise too_small
+
+
+def _nlist(n: int, max_train: int) -> int | None:
+    nlist = min(MAX_NLIST, 2 ** round(math.log2(4 * math.sqrt(n))))
+    while nlist > 1 and nlist * MIN_POINTS_PER_CENTROID > min(n, max_train):
+        nlist //= 2
+    # PQ codebooks have 256 centroids each; fewer training points than that cannot train them.
+    return nlist if min(n, max_train, POINTS_PER_CENTROID * nlist) >= 256 else None
+
+
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kmgtp]?)(i?)(b?)\s*", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes in "4GB" (10^9), "512MiB" (2^20), "4G" (2^30, as ulimit and docker read it) or "1e9"."""
+    match = _SIZE.fullmatch(str(text))
+    if not match or (match.group(3) and not match.group(2)):
+        raise UserError(f"invalid size {text!r}; use e.g. 4GB, 512MiB or 1e9")
+    number, unit, binary, suffix_b = match.groups()
+    power = "kmgtp".find(unit.lower()) + 1 if unit else 0
+    base = 1024 if (binary or (unit and not suffix_b)) else 1000
+    value = float(number) * base**power
+    if not math.isfinite(value) or value < 1:
+        raise UserError(f"invalid size {text!r}: it must be at least one byte")
+    return int(value)
+
+
+def format_size(size: int) -> str:
+    """A byte count for people: "1.55 GB", "768 MB", "12 B"."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size} B"
+
