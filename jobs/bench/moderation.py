@@ -1,7 +1,7 @@
 """What moderation costs per image next to captioning: shared image prefix against one forward per category.
 
-    python -m loupe.jobs.bench.moderation [--family llava] [--images 16] [--batch-size 8]
-                                          [--max-new-tokens 32] [--repeats 3] [--json]
+    loupe bench moderation [--family llava] [--images 16] [--batch-size 8]
+                           [--max-new-tokens 32] [--repeats 3] [--json]
 
 Times, per image and on the model's thread only (preparing inputs runs on a producer thread
 in the pipeline), after a warm-up, the median over repeats:
@@ -19,45 +19,18 @@ Targets: that <= 1 prefill, and naive >= 5x that.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-# Set before transformers is imported: the benchmark never touches the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from loupe.jobs.bench.options import ModerationOptions
 
 STAGES = ("prefill", "caption", "caption+moderation", "moderation", "naive")
 CLOCKS = ("wall", "cpu")
-
-
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    from loupe.workers.models.random import FAMILIES, SIZES
-
-    parser = argparse.ArgumentParser(prog="python -m loupe.jobs.bench.moderation", description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=FAMILIES, default="llava")
-    parser.add_argument("--size", choices=SIZES, default="small", help="random checkpoint size (default: small)")
-    parser.add_argument("--model", help="benchmark this checkpoint instead of building a random one")
-    parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    args = parser.parse_args(argv)
-    for name in ("images", "batch_size", "max_new_tokens", "repeats", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    return args
 
 
 def _images(folder: Path, count: int):
@@ -78,7 +51,7 @@ def _timed(fn: Callable[[], object], sync: Callable[[], None]) -> tuple[float, f
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def run_benchmark(args: argparse.Namespace) -> dict:
+def run_moderation_bench(options: ModerationOptions) -> dict:
     """Build or load the checkpoint, time every stage, and return the results as plain data."""
     import torch
 
@@ -87,22 +60,23 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     from loupe.workers.models.moderator import Moderator
     from loupe.workers.models.random import build_random_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    options.check()
+    if options.threads:
+        torch.set_num_threads(options.threads)
     with tempfile.TemporaryDirectory(prefix="loupe-bench-") as tmp:
-        model = args.model or str(build_random_model(Path(tmp) / "model", args.family, args.size))
-        images = _images(Path(tmp) / "images", args.images)
+        model = options.model or str(build_random_model(Path(tmp) / "model", options.family, options.size))
+        images = _images(Path(tmp) / "images", options.images)
         captioner = Captioner(
             model,
-            max_new_tokens=args.max_new_tokens,
-            min_new_tokens=args.max_new_tokens,
-            device=args.device,
-            dtype=args.dtype,
+            max_new_tokens=options.max_new_tokens,
+            min_new_tokens=options.max_new_tokens,
+            device=options.device,
+            dtype=options.dtype,
         )
         # As in the pipeline: one set of weights serves both.
         moderator = Moderator(model, DEFAULT_TAXONOMY, share=captioner)
 
-    batches = [images[i : i + args.batch_size] for i in range(0, len(images), args.batch_size)]
+    batches = [images[i : i + options.batch_size] for i in range(0, len(images), options.batch_size)]
     caption_inputs = [captioner.prepare(batch) for batch in batches]
     moderation_inputs = [moderator.prepare(batch) for batch in batches]
     on_cuda = captioner.device.type == "cuda"
@@ -130,7 +104,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     for stage in stages.values():  # warm-up: allocator, kernels, lazy initialisation
         stage(0)
     per_image: dict[str, dict[str, list[float]]] = {clock: {name: [] for name in STAGES} for clock in CLOCKS}
-    for _ in range(args.repeats):
+    for _ in range(options.repeats):
         # Stages interleaved within each repeat, so that load from elsewhere on the machine
         # falls on all of them alike.
         for name, stage in stages.items():
@@ -158,15 +132,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     naive_over_moderation = median[clock]["naive"] / median[clock]["moderation_added"]
     alone_over_prefill = median[clock]["moderation"] / median[clock]["prefill"]
     return {
-        "family": args.family if args.model is None else None,
-        "model": args.model or f"random {args.family} ({args.size})",
+        "family": options.family if options.model is None else None,
+        "model": options.model or f"random {options.family} ({options.size})",
         "device": str(captioner.device),
         "dtype": str(captioner.dtype).removeprefix("torch."),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
         "images": len(images),
-        "batch_size": args.batch_size,
-        "max_new_tokens": args.max_new_tokens,
-        "repeats": args.repeats,
+        "batch_size": options.batch_size,
+        "max_new_tokens": options.max_new_tokens,
+        "repeats": options.repeats,
         "categories": len(DEFAULT_TAXONOMY.categories),
         "tokens": {
             "caption_prompt_mean": round(float(caption_tokens.mean()), 1),
@@ -190,7 +164,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     }
 
 
-def _table(result: dict) -> str:
+def format_table(result: dict) -> str:
+    """The result as a readable table."""
     wall, cpu = result["seconds_per_image"]["wall"], result["seconds_per_image"]["cpu"]
     cost = result["seconds_per_image"][result["clock"]]
     rows = [
@@ -225,18 +200,3 @@ def _table(result: dict) -> str:
     shown = f"{ratio:.1f}x" if ratio > 0 else "moderation's cost is below the noise of the repeats"
     lines.append(f"{'met   ' if naive_met else 'MISSED'} {naive_target}  ({shown})")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    result = run_benchmark(args)
-    print(json.dumps(result, indent=2) if args.json else _table(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

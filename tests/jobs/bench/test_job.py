@@ -1,4 +1,4 @@
-"""`loupe bench` end to end on a tiny model (local and S3), its JSON fields, and flags refused in one line."""
+"""`loupe bench [job]` end to end on a tiny model (local and S3), its JSON fields, and flags refused in one line."""
 
 import json
 import math
@@ -6,7 +6,10 @@ import os
 from dataclasses import fields
 
 import pytest
-from loupe.jobs.bench.job import STAGES, BenchOptions, _batches, format_table, make_photos
+from loupe.jobs.bench.measure import Phase, job_batches, model_alone
+from loupe.jobs.bench.options import BenchOptions
+from loupe.jobs.bench.photos import make_photos
+from loupe.jobs.bench.report import STAGES, format_table
 from loupe.jobs.cli import app
 from typer.testing import CliRunner
 
@@ -92,8 +95,9 @@ def test_bench_s3_all_tasks(workdir, s3_endpoint, s3_client):
         (["--size", "7b", "--device", "cpu"], "GPU"),
     ],
 )
-def test_bad_flags_are_one_line_and_exit_2(args, message, tmp_path):
-    result = _invoke("bench", *args, "--workdir", tmp_path / "work")
+@pytest.mark.parametrize("command", [["bench"], ["bench", "job"]])
+def test_bad_flags_are_one_line_and_exit_2(command, args, message, tmp_path):
+    result = _invoke(*command, *args, "--workdir", tmp_path / "work")
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output, result.stderr
@@ -113,9 +117,9 @@ def test_cuda_without_a_gpu_is_refused(tmp_path):
 def test_cli_defaults_are_the_library_defaults():
     import inspect
 
-    from loupe.jobs.cli import bench
+    from loupe.jobs.bench.commands import job
 
-    params = inspect.signature(bench).parameters
+    params = inspect.signature(job).parameters
     for field in fields(BenchOptions):
         if field.name in params:
             assert params[field.name].default == field.default, field.name
@@ -152,22 +156,20 @@ class _Counter:
 def test_batches_follow_shards_and_buckets_like_the_job():
     images = [_Image(w) for w in (5, 1, 4, 2, 3, 9, 8, 7, 6, 0)]
     widths = lambda batches: [[image.size[0] for image in batch] for batch in batches]  # noqa: E731
-    assert widths(_batches(images, 3, 5)) == [[5, 1, 4], [2, 3], [9, 8, 7], [6, 0]]
+    assert widths(job_batches(images, 3, 5)) == [[5, 1, 4], [2, 3], [9, 8, 7], [6, 0]]
     # shards of 5 (windows of BUCKET_BATCHES * 3 hold a whole shard), sorted within each
-    assert widths(_batches(images, 3, 5, _Counter())) == [[1, 2, 3], [4, 5], [0, 6, 7], [8, 9]]
+    assert widths(job_batches(images, 3, 5, _Counter())) == [[1, 2, 3], [4, 5], [0, 6, 7], [8, 9]]
 
 
 def test_model_alone_halves_join_into_one_turn():
     from collections import Counter
 
-    from loupe.jobs.bench.job import _model_alone, _Phase
-
-    first = _Phase(images=4, seconds=2.0, tokens=16, stages=Counter(generate=1.5, moderate=0.0), prompt_tokens=10)
-    second = _Phase(images=12, seconds=4.0, tokens=48, stages=Counter(generate=3.5), memory=7, prompt_tokens=20)
+    first = Phase(images=4, seconds=2.0, tokens=16, stages=Counter(generate=1.5, moderate=0.0), prompt_tokens=10)
+    second = Phase(images=12, seconds=4.0, tokens=48, stages=Counter(generate=3.5), memory=7, prompt_tokens=20)
     turn = first.joined(second)
     assert (turn.images, turn.seconds, turn.tokens, turn.memory) == (16, 6.0, 64, 7)
     assert dict(turn.stages) == {"generate": 5.0, "moderate": 0.0}  # a stage that took no time is still reported
     assert turn.prompt_tokens == pytest.approx((4 * 10 + 12 * 20) / 16)  # weighted by images
     # a one-batch run has nothing to run before the job: that half is empty and adds nothing
-    empty = _model_alone(None, [], None)
+    empty = model_alone(None, [], None)
     assert empty.joined(second).rates() == second.rates()
