@@ -12,7 +12,7 @@ from rich.console import Console
 
 from loupe.jobs.runner import JobObserver, JobResult, run_job
 from loupe.schemas.config import JobConfig
-from loupe.schemas.layout import PARTS_DIR
+from loupe.schemas.layout import MANIFEST_FILE, PARTS_DIR
 
 _COLOURS = ["red", "orange", "gold", "green", "teal", "blue", "purple", "pink", "white", "black"]
 
@@ -75,7 +75,7 @@ def run_demo(
         result = run_job(config, observer)
     print_summary(result)
     rows = pq.read_table(output / PARTS_DIR, columns=["source_uri", "status", "caption", "flagged_categories"])
-    console.print(f"\nParquet parts: {output / PARTS_DIR}  (manifest: {output / '_manifest.json'})")
+    console.print(f"\nParquet parts: {output / PARTS_DIR}  (manifest: {output / MANIFEST_FILE})")
     for row in [r for r in rows.to_pylist() if r["status"] == "ok"][:3]:
         name = row["source_uri"].rsplit("/", 1)[-1]
         flags = ", ".join(row["flagged_categories"] or []) or "none"

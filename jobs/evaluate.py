@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from loupe.jobs.output import find_manifest, read_job
 from loupe.schemas.errors import UserError
-from loupe.schemas.layout import JOB_FILE, MANIFEST_FILE
-from loupe.schemas.records import JobRecord, Manifest
-from loupe.workers.storage import join_uri, open_storage
+from loupe.schemas.layout import MANIFEST_FILE
+from loupe.workers.storage import Storage, join_uri, open_storage
 
 
 @dataclass
@@ -46,9 +46,7 @@ class Evaluation:
 def evaluate(output: str, labels_csv: str, endpoint_url: str | None = None) -> Evaluation:
     """Join OUTPUT's scored rows with a CSV of labels (image_id, then one 0/1 column per category)."""
     storage = open_storage(output, endpoint_url)
-    if not storage.exists(join_uri(output, JOB_FILE)):
-        raise UserError(f"no loupe job at {output} (no {JOB_FILE})")
-    job = JobRecord.from_json(storage.read_bytes(join_uri(output, JOB_FILE)))
+    job = read_job(storage, output)
     taxonomy = job.settings.get("taxonomy")
     if not taxonomy:
         raise UserError(f"the job at {output} did not run the moderate task")
@@ -97,11 +95,10 @@ def _read_labels(path: str, thresholds: dict[str, float]) -> dict[str, dict[str,
     return labels
 
 
-def _read_scores(storage: Any, output: str) -> dict[str, dict[str, float]]:
-    manifest_uri = join_uri(output, MANIFEST_FILE)
-    if not storage.exists(manifest_uri):
+def _read_scores(storage: Storage, output: str) -> dict[str, dict[str, float]]:
+    manifest = find_manifest(storage, output)
+    if manifest is None:
         raise UserError(f"the job at {output} has no {MANIFEST_FILE} yet; let it finish (or rerun it) first")
-    manifest = Manifest.from_json(storage.read_bytes(manifest_uri))
     scores: dict[str, dict[str, float]] = {}
     for part in manifest.parts:
         with storage.open_seekable(join_uri(output, part["path"])) as handle:

@@ -38,7 +38,12 @@ class PlanSummary:
     shards: int = 0
     objects: int = 0
     ignored: int = 0
-    _digest: "hashlib._Hash" = field(default_factory=hashlib.sha256, repr=False)
+    _digest: "hashlib._Hash" = field(default_factory=hashlib.sha256, init=False, repr=False)
+
+    def add(self, obj: Listed) -> None:
+        """Count a planned object and fold it into the fingerprint."""
+        self.objects += 1
+        self._digest.update(f"{obj.uri}\t{obj.size}\n".encode())
 
     @property
     def listing_sha256(self) -> str:
@@ -68,8 +73,7 @@ def plan_shards(
         if kind is None:
             summary.ignored += 1
             continue
-        summary.objects += 1
-        summary._digest.update(f"{obj.uri}\t{obj.size}\n".encode())
+        summary.add(obj)
         if kind is ShardKind.FILES:
             pending.append(obj.uri)
             if len(pending) == shard_size:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from loupe.schemas.errors import UserError
-from loupe.schemas.layout import FAILED_DIR, JOB_FILE, STATS_DIR, shard_id_from_path
-from loupe.schemas.records import JobRecord, ShardFailure, ShardStats, add_counts
-from loupe.workers.storage import MissingLocation, Storage, join_uri, open_storage
+from loupe.jobs.output import read_failures, read_job, read_stats
+from loupe.schemas.records import add_counts
+from loupe.workers.storage import open_storage
 
 
 @dataclass
@@ -39,16 +37,10 @@ class JobStatus:
 def job_status(output: str, endpoint_url: str | None = None) -> JobStatus:
     """Read the job record, the stats records and the failure records under OUTPUT."""
     storage = open_storage(output, endpoint_url)
-    job_uri = join_uri(output, JOB_FILE)
-    if not storage.exists(job_uri):
-        raise UserError(f"no loupe job at {output} (no {JOB_FILE})")
-    job = JobRecord.from_json(storage.read_bytes(job_uri))
-    stats = [ShardStats.from_json(raw) for raw in _read_all(storage, join_uri(output, STATS_DIR))]
+    job = read_job(storage, output)
+    stats = read_stats(storage, output)
     done = {s.shard_id for s in stats}
-    failures = [
-        f for f in map(ShardFailure.from_json, _read_all(storage, join_uri(output, FAILED_DIR)))
-        if f.shard_id not in done
-    ]
+    failures = [f for f in read_failures(storage, output) if f.shard_id not in done]
     span = (max(s.finished_at for s in stats) - min(s.started_at for s in stats)) if stats else 0.0
     rows = sum(s.rows for s in stats)
     return JobStatus(
@@ -65,13 +57,3 @@ def job_status(output: str, endpoint_url: str | None = None) -> JobStatus:
         flagged=add_counts(s.flagged for s in stats),
     )
 
-
-def _read_all(storage: Storage, prefix: str) -> list[bytes]:
-    """Every record in an OUTPUT sub-folder, fetched concurrently (one small GET each)."""
-    try:
-        records = {shard_id_from_path(o.uri): o.uri for o in storage.list(prefix)}
-        uris = [records[i] for i in sorted(records.keys() - {None})]
-    except MissingLocation:
-        return []  # the folder does not exist yet
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        return list(pool.map(storage.read_bytes, uris))

@@ -7,7 +7,6 @@ import sys
 import time
 
 import pyarrow.parquet as pq
-import pytest
 
 from loupe.jobs.runner import run_job
 from loupe.schemas.config import JobConfig
