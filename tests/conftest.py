@@ -78,11 +78,18 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def tiny_llava(tmp_path_factory):
-    """A tiny random-weight LLaVA-1.5 checkpoint, built offline once per session."""
-    from loupe.workers.models.random import build_random_model
+def tiny_checkpoints(tmp_path_factory):
+    """The tiny random-weight checkpoint of each LLaVA family (seed 0), built offline once per session."""
+    from loupe.workers.models.random import FAMILIES, build_random_model
 
-    return str(build_random_model(tmp_path_factory.mktemp("tiny-llava"), "llava", "tiny"))
+    root = tmp_path_factory.mktemp("tiny-checkpoints")
+    return {family: build_random_model(root / family, family, "tiny", seed=0) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tiny_checkpoints):
+    """The tiny random-weight LLaVA-1.5 checkpoint's path."""
+    return str(tiny_checkpoints["llava"])
 
 
 @pytest.fixture(scope="session")

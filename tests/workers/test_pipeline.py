@@ -1,7 +1,5 @@
 """The per-shard pipeline in-process: rows in source order, error rows, model-failure isolation."""
 
-import io
-import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,12 +12,14 @@ from loupe.schemas.records import ShardStats
 from loupe.schemas.plan import Shard, ShardKind
 from loupe.schemas.rows import OUTPUT_SCHEMA
 from loupe.schemas.taxonomy import Category, Taxonomy
+from loupe.workers.batching import BUCKET_BATCHES
 from loupe.workers.decode import decode_image
+from loupe.workers.models.stages import Captioning, ImageEmbedding, Moderating, TextEmbedding
 from loupe.workers.pipeline import ShardProcessor
 from loupe.workers.reader import image_id_for
 
 
-class SizeCaptioner:
+class SizeCaptioner(Captioning):
     """Captions an image by its size; fails on images of a chosen width (or on all of them)."""
 
     model_id = "stub"
@@ -104,7 +104,7 @@ def test_real_tiny_model_captions(sample_images, tmp_path, tiny_llava):
         hook.remove()
     # The moderator read the image prefix from the caption's KV cache: the one batch of four
     # images went through the vision tower once, for captions and scores together.
-    assert processor._moderation_reads_cache and len(vision_passes) == 1
+    assert processor.moderation_reads_cache and len(vision_passes) == 1
     rows = pq.read_table(tmp_path / part_path(3)).to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "error", "ok"]
     assert all(r["caption"] for r in rows if r["status"] == "ok")
@@ -153,7 +153,7 @@ def test_poison_corpus_every_file_becomes_a_row(tmp_path):
 TWO_CATEGORIES = Taxonomy((Category("violence_gore", "blood or gore", 0.3), Category("self_harm", "self-harm", 0.5)))
 
 
-class StubModerator:
+class StubModerator(Moderating):
     """Scores violence_gore by the image's width, everything else 0; fails on a chosen width."""
 
     def __init__(self, fail_width=None):
@@ -198,7 +198,7 @@ def test_moderate_only_leaves_captions_null(sample_images, tmp_path):
     assert all(r["moderation"] is not None for r in rows)
 
 
-class StubImageEmbedder:
+class StubImageEmbedder(ImageEmbedding):
     """Embeds an image as its normalized (width, height, 1, 0)."""
 
     dim = 4
@@ -213,7 +213,7 @@ class StubImageEmbedder:
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-class StubTextEmbedder:
+class StubTextEmbedder(TextEmbedding):
     dim = 2
 
     def __init__(self):
@@ -282,8 +282,6 @@ class LengthCaptioner(SizeCaptioner):
 
 
 def test_batches_are_bucketed_by_prompt_length_and_rows_keep_source_order(tmp_path):
-    from loupe.workers import pipeline
-
     widths = [40, 90, 40, 90, 60, 40, 90, 60, 60, 40, 90, 60, 50]
     for i, width in enumerate(widths):
         Image.new("RGB", (width, 30), "blue").save(tmp_path / f"img-{i:02d}.png")
@@ -292,8 +290,23 @@ def test_batches_are_bucketed_by_prompt_length_and_rows_keep_source_order(tmp_pa
     out = tmp_path / "out"
     processor = ShardProcessor(_config(tmp_path, out, batch_size=4), captioner=captioner)
     processor.process(_shard(tmp_path, names))
-    window = pipeline.BUCKET_BATCHES * 4  # 16 > 13 images: one window, sorted by length
+    window = BUCKET_BATCHES * 4  # 16 > 13 images: one window, sorted by length
     assert window >= len(widths)
     assert captioner.batches == [[40, 40, 40, 40], [50, 60, 60, 60], [60, 90, 90, 90], [90]]
     rows = pq.read_table(out / part_path(3)).to_pylist()
     assert [r["caption"] for r in rows] == [f"{w}x30" for w in widths]
+
+
+@pytest.mark.timeout(60)
+def test_a_model_failing_on_everything_fails_a_long_shard_promptly(tmp_path):
+    """The model fails while more batches wait: the shard raises and its producer does not stay blocked."""
+    import threading
+
+    names = [f"img-{i:02d}.png" for i in range(30)]
+    for i, name in enumerate(names):
+        Image.new("RGB", (40 + i, 30), "red").save(tmp_path / name)
+    processor = ShardProcessor(_config(tmp_path, tmp_path / "out", batch_size=2), captioner=SizeCaptioner(fail_all=True))
+    with pytest.raises(RuntimeError, match="every image"):
+        processor.process(_shard(tmp_path, names))
+    assert not [t for t in threading.enumerate() if t.name.startswith("loupe-shard")]
+    assert not (tmp_path / "out" / stats_path(3)).exists()

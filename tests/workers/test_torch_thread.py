@@ -9,6 +9,7 @@ from PIL import Image
 
 from loupe.schemas.config import JobConfig
 from loupe.schemas.plan import Shard, ShardKind
+from loupe.workers.models.stages import Captioning
 from loupe.workers.pipeline import ShardProcessor
 from loupe.workers.torch_thread import on_torch_thread
 
@@ -34,7 +35,7 @@ def test_exceptions_reach_the_caller():
         on_torch_thread(fail)
 
 
-class ThreadRecorder:
+class ThreadRecorder(Captioning):
     """A captioner stand-in noting which thread prepares and generates."""
 
     model_id = "stub"

@@ -4,97 +4,28 @@ from __future__ import annotations
 
 import copy
 import threading
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from loupe.schemas.errors import UserError
+from loupe.schemas.config import DEFAULT_PROMPT
+from loupe.workers.decode import needed_side
+from loupe.workers.models.loading import (
+    LOAD_ERRORS,
+    load_error,
+    resolve_device,
+    resolve_dtype,
+    vlm_config,
+    vlm_processor,
+)
+from loupe.workers.models.stages import Captioning, Encoded
 
 if TYPE_CHECKING:
     from PIL import Image
     from transformers import BatchFeature
 
-from loupe.schemas.config import DEFAULT_MODEL, DEFAULT_PROMPT  # noqa: E402  (re-exported)
 
-# What transformers raises for a checkpoint that is missing, unreadable or of an unknown type.
-# Anything else (out of memory, a bug) is not the user's mistake and propagates unchanged.
-_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError)
-
-_DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-    "fp64": torch.float64,
-    "float64": torch.float64,
-    "double": torch.float64,
-}
-
-
-def _load_error(model: str, exc: BaseException) -> UserError:
-    if Path(model).exists():
-        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        return UserError(f"model {model!r} could not be loaded from the local path: {reason}")
-    return UserError(
-        f"model {model!r} not found: not a local checkpoint and not in the Hugging Face cache "
-        "(HF hub unreachable or unknown id)"
-    )
-
-
-def _load_config(model: str):
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
-
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except _LOAD_ERRORS as exc:
-        raise _load_error(model, exc) from exc
-    if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
-        raise UserError(
-            f"model {model!r} is a {config.model_type!r} checkpoint, not an image-text-to-text model "
-            "(expected a LLaVA-family checkpoint)"
-        )
-    return config
-
-
-def _load_processor(model: str):
-    from transformers import AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(model)
-    except _LOAD_ERRORS as exc:
-        raise _load_error(model, exc) from exc
-    if getattr(processor, "chat_template", None) is None:
-        raise UserError(f"model {model!r} has no chat template, so its prompt format is unknown")
-    return processor
-
-
-@dataclass
-class Encoded:
-    """What a generate() call leaves on the device: its prompt and the KV cache of prompt and output.
-
-    The moderator reads the image prefix's keys and values from it instead of encoding the
-    image a second time.
-    """
-
-    input_ids: torch.Tensor  # (images, width), left-padded
-    attention_mask: torch.Tensor  # (images, width)
-    cache: Any  # a transformers Cache: the prompt's keys and values, then the generated tokens'
-
-
-def check_model(model: str) -> None:
-    """Raise UserError unless `model` is a loadable image-text-to-text checkpoint; reads no weights."""
-    _load_config(model)
-    _load_processor(model)
-
-
-class Captioner:
+class Captioner(Captioning):
     """One captioning replica: weights loaded once, then called on batches of RGB images."""
 
     def __init__(
@@ -111,32 +42,19 @@ class Captioner:
 
         self.model_id = model
         self.prompt = prompt
-        try:
-            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        except RuntimeError as exc:
-            raise UserError(f"unknown device {device!r}; use e.g. cpu, cuda or cuda:1") from exc
-        if self.device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise UserError(f"device {device!r} requested but no CUDA GPU is available")
-            if self.device.index is None:
-                # Pinned to an index so that device_map and tensor moves agree on one GPU.
-                self.device = torch.device("cuda", torch.cuda.current_device())
-        if dtype is None:
-            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        elif dtype in _DTYPES:
-            self.dtype = _DTYPES[dtype]
-        else:
-            raise UserError(f"unknown dtype {dtype!r}; choose one of: {', '.join(_DTYPES)}")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(self.device, dtype)
 
-        config = _load_config(model)
-        self.processor = _load_processor(model)
+        config = vlm_config(model)
+        self.processor = vlm_processor(model)
         try:
             self.model = AutoModelForImageTextToText.from_pretrained(
                 model, config=config, dtype=self.dtype, attn_implementation="sdpa", device_map=self.device
             )
-        except _LOAD_ERRORS as exc:
-            raise _load_error(model, exc) from exc
+        except LOAD_ERRORS as exc:
+            raise load_error(model, exc) from exc
         self.model.eval()
+        self.decode_side = needed_side(self.processor.image_processor)
 
         tokenizer = self.processor.tokenizer
         # New tokens are appended on the right, so prompts of different lengths (anyres gives
@@ -148,7 +66,8 @@ class Captioner:
         # fail ("Already borrowed") when they overlap; a private copy for decoding lets generate()
         # finish one batch while prepare() encodes the next in another thread.
         self._decoder = copy.deepcopy(tokenizer)
-        self._prepare_lock = threading.Lock()
+        # Held while the tokenizer encodes; a moderator sharing these weights encodes under it too.
+        self.encode_lock = threading.Lock()
 
         # Greedy and deterministic whatever the checkpoint's generation_config.json asks for.
         self.generation_config = copy.deepcopy(self.model.generation_config)
@@ -172,7 +91,7 @@ class Captioner:
     def prepare(self, images: list[Image.Image]) -> BatchFeature:
         """Chat template, left-padded tokenization and image preprocessing, on the CPU; thread-safe."""
         conversations = [self._conversation(image) for image in images]
-        with self._prepare_lock:
+        with self.encode_lock:
             inputs = self.processor.apply_chat_template(
                 conversations,
                 add_generation_prompt=True,

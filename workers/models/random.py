@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import random
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 from loupe.schemas.errors import UserError
+from loupe.workers.models.random_tokenizers import CHAT_TEMPLATES, TOKENIZERS, train_tokenizer
+
+T = TypeVar("T")
 
 FAMILIES = ("llava", "llava-next", "llava-onevision")
+CLIP_FAMILY = "clip"
 
 
 @dataclass(frozen=True)
 class VisionShape:
-    """Shape of the vision tower: CLIP for llava and llava-next, SigLIP for llava-onevision."""
+    """Shape of a vision tower: CLIP for llava, llava-next and CLIP itself, SigLIP for llava-onevision."""
 
     hidden: int
     layers: int
@@ -23,17 +29,46 @@ class VisionShape:
     image_size: int
     patch_size: int = 14
 
+    def config(self) -> dict[str, Any]:
+        """The vision config's fields of this shape."""
+        return dict(
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+        )
+
 
 @dataclass(frozen=True)
 class TextShape:
-    """Shape of the language model; vocab_size None means exactly the trained tokenizer's size."""
+    """Shape of a text model; vocab_size None means exactly the trained tokenizer's size."""
 
     hidden: int
     layers: int
     heads: int
-    kv_heads: int
     intermediate: int
+    kv_heads: int | None = None  # grouped-query attention; None for CLIP's text tower, which has none
     vocab_size: int | None = None
+
+    def config(self, tokenizer: Any, max_positions: int) -> dict[str, Any]:
+        """The text config's fields of this shape, with the tokenizer's vocabulary and special ids."""
+        fields = dict(
+            vocab_size=max(len(tokenizer), self.vocab_size or 0),
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            max_position_embeddings=max_positions,
+            # CLIP's text tower pools at the first EOS, so the ids must be the tokenizer's own.
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        if self.kv_heads is not None:
+            fields["num_key_value_heads"] = self.kv_heads
+        return fields
 
 
 @dataclass(frozen=True)
@@ -51,11 +86,23 @@ class ModelShape:
     dtype: str = "float32"
 
 
+@dataclass(frozen=True)
+class ClipShape:
+    """Both CLIP towers and the shared embedding size they project to."""
+
+    vision: VisionShape
+    text: TextShape
+    projection_dim: int
+
+
+# 2x2 patches per tile keep image token counts tiny.
+_TINY_VISION = VisionShape(hidden=32, layers=2, heads=2, intermediate=64, image_size=28)
+
 _SHAPES: dict[str, ModelShape] = {
-    # For tests: 2x2 patches per tile keep image token counts tiny, while a 3x3 tile grid still
-    # gives each aspect ratio its own token count, so batches need real padding.
+    # For tests: a 3x3 tile grid gives each aspect ratio its own token count, so batches need
+    # real padding.
     "tiny": ModelShape(
-        vision=VisionShape(hidden=32, layers=2, heads=2, intermediate=64, image_size=28),
+        vision=_TINY_VISION,
         text=TextShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128),
         max_tiles=3,
         onevision_max_patches=4,
@@ -105,6 +152,19 @@ _FULL_SHAPES: dict[str, ModelShape] = {
 }
 SIZES = (*_SHAPES, FULL_SIZE)
 
+_CLIP_SHAPES: dict[str, ClipShape] = {
+    "tiny": ClipShape(
+        vision=_TINY_VISION, text=TextShape(hidden=32, layers=2, heads=2, intermediate=64), projection_dim=48
+    ),
+    # The embedding size of the real openai/clip-vit-base-patch32, so index and Parquet sizes
+    # in benchmarks are realistic.
+    "small": ClipShape(
+        vision=VisionShape(hidden=384, layers=4, heads=6, intermediate=1536, image_size=224, patch_size=32),
+        text=TextShape(hidden=384, layers=4, heads=6, intermediate=1536),
+        projection_dim=512,
+    ),
+}
+
 
 def model_shape(family: str, size: str) -> ModelShape:
     """The shape table's row for `family` at `size`; UserError for an unknown family or size."""
@@ -121,9 +181,7 @@ def model_shape(family: str, size: str) -> ModelShape:
 
 def random_model_config(family: str, size: str):
     """The transformers config that build_random_model writes for `family` and `size` (no weights)."""
-    shape = model_shape(family, size)
-    tokenizer = _train_tokenizer(_TOKENIZERS[family])
-    return _build_config(family, shape, tokenizer, max(len(tokenizer), shape.text.vocab_size or 0))
+    return _build_config(family, model_shape(family, size), train_tokenizer(TOKENIZERS[family]))
 
 
 def parameter_count(family: str, size: str) -> int:
@@ -153,33 +211,57 @@ def build_random_model(
     """
     if family == CLIP_FAMILY:
         return build_random_clip(dest, size, seed)
+    import torch
+    from transformers import AutoModelForImageTextToText
+
     shape = model_shape(family, size)
-    if size == FULL_SIZE:
-        return _build_full_size(Path(dest), family, shape, seed, device)
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-
-    tokenizer = _train_tokenizer(_TOKENIZERS[family])
+    target = _full_size_device(family, shape, device) if size == FULL_SIZE else None
+    tokenizer = train_tokenizer(TOKENIZERS[family])
     processor = _build_processor(family, shape, tokenizer)
-    vocab_size = max(len(tokenizer), shape.text.vocab_size or 0)
-    config = _build_config(family, shape, tokenizer, vocab_size)
-    # A private RNG stream: the weights depend on `seed` alone, and callers' RNG state is untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, shape.dtype))
+    config = _build_config(family, shape, tokenizer)
+    dtype = getattr(torch, shape.dtype)
+    model = _seeded(seed, target, lambda: AutoModelForImageTextToText.from_config(config, dtype=dtype))
     _mute_unreadable_tokens(model, tokenizer)
-    model.save_pretrained(dest)
-    processor.save_pretrained(dest)
-    return dest
+    _save(Path(dest), model, processor)
+    if target is not None:
+        del model
+        torch.cuda.empty_cache()
+    return Path(dest)
 
 
-def _build_full_size(dest: Path, family: str, shape: ModelShape, seed: int, device: str | None) -> Path:
-    """The 7B checkpoint, its weights created on the GPU in their saved dtype and never on the CPU."""
+def build_random_clip(dest: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a random-weight CLIPModel and CLIPProcessor to `dest` and return `dest`.
+
+    They load with CLIPModel / CLIPProcessor.from_pretrained like openai/clip-vit-base-patch32;
+    the same arguments always produce the same files.
+    """
+    if size not in _CLIP_SHAPES:
+        raise UserError(f"unknown model size {size!r}; choose one of: {', '.join(_CLIP_SHAPES)}")
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    shape = _CLIP_SHAPES[size]
+    spec = TOKENIZERS[CLIP_FAMILY]
+    tokenizer = train_tokenizer(spec)
+    config = CLIPConfig(
+        text_config=shape.text.config(tokenizer, spec.model_max_length),
+        vision_config=shape.vision.config(),
+        projection_dim=shape.projection_dim,
+    )
+    model = _seeded(seed, None, lambda: CLIPModel(config))
+    side = shape.vision.image_size
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
+        tokenizer=tokenizer,
+    )
+    _save(Path(dest), model, processor)
+    return Path(dest)
+
+
+def _full_size_device(family: str, shape: ModelShape, device: str | None):
+    """The CUDA GPU the 7B checkpoint is created on, with room for it; UserError where there is none."""
     import torch
-    from transformers import AutoModelForImageTextToText
+
+    from loupe.workers.models.loading import resolve_device
 
     gigabytes = parameter_count(family, FULL_SIZE) * getattr(torch, shape.dtype).itemsize / 1e9
     if not torch.cuda.is_available():
@@ -187,33 +269,34 @@ def _build_full_size(dest: Path, family: str, shape: ModelShape, seed: int, devi
             f"the {FULL_SIZE} checkpoint is built on a CUDA GPU (about {gigabytes:.0f} GB in {shape.dtype}) "
             "and none is available here; use a GPU machine, or --size small on a CPU"
         )
-    try:
-        target = torch.device(device or "cuda")
-    except RuntimeError as exc:
-        raise UserError(f"unknown device {device!r}; use e.g. cuda or cuda:1") from exc
+    target = resolve_device(device)
     if target.type != "cuda":
         raise UserError(f"the {FULL_SIZE} checkpoint is built on a CUDA GPU, not on {device!r}")
-    target = torch.device("cuda", target.index if target.index is not None else torch.cuda.current_device())
     free, _ = torch.cuda.mem_get_info(target)
     if free < gigabytes * 1.1e9:
         raise UserError(
             f"the {FULL_SIZE} checkpoint needs about {gigabytes * 1.1:.0f} GB free on {target}, "
             f"{free / 1e9:.0f} GB are free"
         )
-    tokenizer = _train_tokenizer(_TOKENIZERS[family])
-    processor = _build_processor(family, shape, tokenizer)
-    config = _build_config(family, shape, tokenizer, max(len(tokenizer), shape.text.vocab_size or 0))
+    return target
+
+
+def _seeded(seed: int, device: Any, make: Callable[[], T]) -> T:
+    """make() with weights drawn from `seed` alone, on `device` (None: the CPU); callers' RNG state is untouched."""
+    import torch
+
+    with torch.random.fork_rng(devices=[device] if device is not None else []):
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            torch.manual_seed(seed)
+            return make()
+
+
+def _save(dest: Path, model: Any, processor: Any) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[target]), torch.device(target):
-        torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, shape.dtype))
-    _mute_unreadable_tokens(model, tokenizer)
-    # Shards small enough that saving copies a few GB at a time to host memory, not the whole model.
+    # Shards small enough that saving a 7B model copies a few GB at a time to host memory, not the
+    # whole model; smaller ones stay one file.
     model.save_pretrained(dest, max_shard_size="2GB")
     processor.save_pretrained(dest)
-    del model
-    torch.cuda.empty_cache()
-    return dest
 
 
 def _mute_unreadable_tokens(model, tokenizer) -> None:
@@ -238,187 +321,7 @@ def _mute_unreadable_tokens(model, tokenizer) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Tokenizer
-
-_COLOURS = (
-    "red orange yellow green blue purple pink brown black white grey golden silver beige teal "
-    "navy maroon olive crimson violet turquoise ivory amber bronze copper cream"
-).split()
-_OBJECTS = (
-    "dog cat bird horse cow sheep goat pig duck chicken rabbit deer bear fox wolf lion tiger "
-    "elephant giraffe zebra monkey fish whale dolphin turtle frog snake butterfly bee spider owl "
-    "eagle parrot car truck bicycle motorcycle scooter boat ship train bus plane helicopter rocket "
-    "tractor wagon tree flower bush rose tulip sunflower cactus palm leaf mushroom grass house "
-    "building tower castle church temple bridge tunnel mountain hill valley river lake ocean sea "
-    "beach island desert forest jungle waterfall volcano glacier cave chair table sofa bed desk "
-    "shelf cabinet mirror cup mug glass bottle plate bowl spoon fork knife pan kettle book "
-    "newspaper magazine phone laptop computer keyboard camera television radio lamp candle window "
-    "door wall roof floor stairs road street path sidewalk child woman man girl boy baby family "
-    "crowd player musician chef farmer teacher doctor soldier dancer guitar piano violin drum kite "
-    "ball umbrella clock watch sign fence gate field cloud sky sun moon star rainbow storm garden "
-    "kitchen bathroom bedroom office classroom library museum market shop restaurant cafe station "
-    "airport harbor stadium playground bench statue fountain pizza sandwich cake apple banana "
-    "orange grape lemon bread cheese salad soup coffee tea hat shirt dress jacket shoe bag "
-    "backpack scarf glove suitcase basket box toy doll robot balloon flag map painting poster"
-).split()
-_ADJECTIVES = (
-    "small large old new bright dark wet dry sunny cloudy rainy snowy foggy quiet busy empty "
-    "crowded wooden metal plastic glass stone tall short tiny huge round square long narrow wide "
-    "shiny dusty clean dirty colorful striped spotted fluffy smooth rough soft hard warm cold "
-    "modern ancient rustic elegant simple fancy broken happy sleepy curious playful calm"
-).split()
-_VERBS = (
-    "sits stands lies runs walks jumps rests waits flies floats hangs leans grows shines plays "
-    "eats drinks reads sleeps swims climbs rides holds carries looks smiles watches crosses "
-    "glows moves stays turns"
-).split()
-_PLACES = (
-    "on the grass|in the park|near the water|under a tree|on a table|in the snow|at night|"
-    "in the city|by the window|on the road|in a field|at the beach|in the kitchen|on a hill|"
-    "in the morning|at sunset|during the day|in the rain|next to a wall|behind a fence|"
-    "in front of a house|inside a room|on the shelf|along the river|across the street|"
-    "in the distance|in the background|in the foreground|on the left|on the right"
-).split("|")
-_OPENERS = (
-    "A photo of|An image of|A picture showing|A close up of|There is|This image shows|A view of|"
-    "A photograph of|A painting of|A drawing of|A scene with|Here we see"
-).split("|")
-_NUMBERS = "one two three four five six seven eight nine ten several many few some".split()
-# Every word the captioner's prompts and the chat templates use, so prompts encode as word
-# pieces the way they do with a real tokenizer rather than as single characters.
-_PROMPT_TEXT = (
-    "USER: ASSISTANT: [INST] [/INST] system user assistant You are a helpful assistant. "
-    "Describe this image in one or two sentences. What is shown in this image? "
-    "Does the image show it? Answer Yes or No. yes no"
-)
-_VOCAB_SIZE = 1536
-
-
-def _moderation_lines() -> list[str]:
-    """The moderator's questions about the default categories, answered "Yes" or "No".
-
-    Real tokenizers have "Yes" and "No" as single tokens both bare (an answer's first word,
-    after the assistant's chat marker) and after a space; the moderator reads their logits.
-    """
-    from loupe.schemas.taxonomy import DEFAULT_TAXONOMY
-
-    lines = []
-    for category in DEFAULT_TAXONOMY.categories:
-        question = f"Answer Yes or No. Does this image show {category.definition}?"
-        lines += [f"{question}\nassistant\nYes", f"{question}\nassistant\nNo", f"{question} Yes. {question} No."]
-    return lines
-
-
-def _corpus() -> list[str]:
-    """A few hundred simple English sentences about objects, colours and scenes."""
-    rng = random.Random(1234)  # fixed: the tokenizer is the same whatever the weights' seed
-    lines = [_PROMPT_TEXT] * 20 + _moderation_lines()
-    lines += [" ".join(words) for words in (_COLOURS, _OBJECTS, _ADJECTIVES, _VERBS, _NUMBERS)]
-    for _ in range(600):
-        lines.append(
-            f"{rng.choice(_OPENERS)} a {rng.choice(_ADJECTIVES)} {rng.choice(_COLOURS)} "
-            f"{rng.choice(_OBJECTS)} that {rng.choice(_VERBS)} {rng.choice(_PLACES)}. "
-            f"The {rng.choice(_OBJECTS)} is {rng.choice(_COLOURS)} and {rng.choice(_ADJECTIVES)},\n"
-            f"with {rng.choice(_NUMBERS)} {rng.choice(_OBJECTS)}s {rng.choice(_PLACES)}."
-        )
-    return lines
-
-
-@dataclass(frozen=True)
-class _TokenizerSpec:
-    byte_level: bool  # Qwen2's byte-level BPE; otherwise Llama/Mistral's metaspace BPE
-    bos: str | None  # prepended to every encoded text when set, as Llama tokenizers do
-    eos: str
-    pad: str
-    unk: str | None
-    extra_special: tuple[str, ...]
-
-
-_TOKENIZERS = {
-    "llava": _TokenizerSpec(False, "<s>", "</s>", "<pad>", "<unk>", ("<image>",)),
-    "llava-next": _TokenizerSpec(False, "<s>", "</s>", "<pad>", "<unk>", ("<image>",)),
-    "llava-onevision": _TokenizerSpec(
-        True, None, "<|im_end|>", "<|endoftext|>", None, ("<|im_start|>", "<image>", "<video>")
-    ),
-}
-
-
-def _train_tokenizer(spec: _TokenizerSpec):
-    """Train a small BPE tokenizer on the built-in corpus, shaped like the family's real one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import TokenizersBackend
-
-    named = (spec.unk, spec.bos, spec.eos, spec.pad)
-    special = list(dict.fromkeys(t for t in (*named, *spec.extra_special) if t))
-    if spec.byte_level:
-        backend = Tokenizer(models.BPE())
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        backend.decoder = decoders.ByteLevel()
-        alphabet = pre_tokenizers.ByteLevel.alphabet()
-    else:
-        backend = Tokenizer(models.BPE(unk_token=spec.unk))
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-        backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-        # Printable ASCII and newline: any English prompt encodes without <unk>.
-        alphabet = [chr(c) for c in range(33, 127)] + ["▁", "\n"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=_VOCAB_SIZE, special_tokens=special, initial_alphabet=alphabet, show_progress=False
-    )
-    backend.train_from_iterator(_corpus(), trainer=trainer)
-    if spec.bos:
-        bos_id = backend.token_to_id(spec.bos)
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{spec.bos} $A", pair=f"{spec.bos} $A {spec.bos} $B", special_tokens=[(spec.bos, bos_id)]
-        )
-    roles = {"eos_token": spec.eos, "pad_token": spec.pad, "bos_token": spec.bos, "unk_token": spec.unk}
-    tokenizer = TokenizersBackend(tokenizer_object=backend, **{k: v for k, v in roles.items() if v})
-    # Chat markers are listed as additional special tokens, as in Qwen2's own tokenizer config.
-    markers = [t for t in spec.extra_special if t not in ("<image>", "<video>")]
-    if markers:
-        tokenizer.add_special_tokens({"additional_special_tokens": markers})
-    return tokenizer
-
-
-# ---------------------------------------------------------------------------------------
-# Chat templates of llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-mistral-7b-hf and
-# llava-hf/llava-onevision-qwen2-*-ov-hf, so prompts render exactly as with real weights.
-
-_CHAT_TEMPLATES = {
-    "llava": (
-        "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
-        "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
-        "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] "
-        "!= 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-        "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
-        "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
-        "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-    ),
-    "llava-next": (
-        "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<<SYS>>\n' + "
-        "message['content'][0]['text'] + '\n<</SYS>>\n\n' }}{% elif message['role'] == 'user' %}"
-        "{{ '[INST] ' }}{# Render all images first #}{% for content in message['content'] | "
-        "selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}"
-        "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
-        "{% endfor %}{{' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + "
-        "message['content'][0]['text'] + '<\\\\s> '}}{% else %}{{ raise_exception('Only user and assistant "
-        "roles are supported!') }}{% endif %}{% endfor %}"
-    ),
-    "llava-onevision": (
-        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{# Render all images first #}"
-        "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}"
-        "{% endfor %}{# Render all video then #}{% for content in message['content'] | selectattr('type', "
-        "'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] "
-        "!= 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-        "{{ content['text'] }}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', "
-        "'equalto', 'text') %}{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
-        "{{'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-        "{% endif %}"
-    ),
-}
-
-
-# ---------------------------------------------------------------------------------------
-# Configs and processors
+# LLaVA-family configs and processors
 
 
 def _grid_pinpoints(base: int, max_tiles: int, family: str) -> list[list[int]]:
@@ -442,7 +345,7 @@ def _build_processor(family: str, shape: ModelShape, tokenizer):
     )
 
     size = shape.vision.image_size
-    template = _CHAT_TEMPLATES[family]
+    template = CHAT_TEMPLATES[family]
     if family == "llava":
         return LlavaProcessor(
             image_processor=LlavaImageProcessor(
@@ -480,8 +383,7 @@ def _build_processor(family: str, shape: ModelShape, tokenizer):
         chat_template=template,
     )
 
-
-def _build_config(family: str, shape: ModelShape, tokenizer, vocab_size: int):
+def _build_config(family: str, shape: ModelShape, tokenizer):
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -493,29 +395,9 @@ def _build_config(family: str, shape: ModelShape, tokenizer, vocab_size: int):
         SiglipVisionConfig,
     )
 
-    v, t = shape.vision, shape.text
-    text = dict(
-        vocab_size=vocab_size,
-        hidden_size=t.hidden,
-        intermediate_size=t.intermediate,
-        num_hidden_layers=t.layers,
-        num_attention_heads=t.heads,
-        num_key_value_heads=t.kv_heads,
-        max_position_embeddings=8192,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    vision = dict(
-        hidden_size=v.hidden,
-        intermediate_size=v.intermediate,
-        num_hidden_layers=v.layers,
-        num_attention_heads=v.heads,
-        image_size=v.image_size,
-        patch_size=v.patch_size,
-    )
+    text, vision = shape.text.config(tokenizer, max_positions=8192), shape.vision.config()
     image_token = tokenizer.convert_tokens_to_ids("<image>")
-    tokens_per_tile = (v.image_size // v.patch_size) ** 2
+    tokens_per_tile = (shape.vision.image_size // shape.vision.patch_size) ** 2
     if family == "llava":
         return LlavaConfig(
             vision_config=CLIPVisionConfig(**vision),
@@ -523,7 +405,7 @@ def _build_config(family: str, shape: ModelShape, tokenizer, vocab_size: int):
             image_token_index=image_token,
             image_seq_length=tokens_per_tile,
         )
-    pinpoints = _grid_pinpoints(v.image_size, shape.max_tiles, family)
+    pinpoints = _grid_pinpoints(shape.vision.image_size, shape.max_tiles, family)
     if family == "llava-next":
         return LlavaNextConfig(
             vision_config=CLIPVisionConfig(**vision),
@@ -540,131 +422,4 @@ def _build_config(family: str, shape: ModelShape, tokenizer, vocab_size: int):
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=pinpoints,
         vision_aspect_ratio=f"anyres_max_{shape.onevision_max_patches}",
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# CLIP: the image and text towers behind image embeddings and text-to-image search
-
-CLIP_FAMILY = "clip"
-
-
-@dataclass(frozen=True)
-class ClipShape:
-    """Both CLIP towers and the shared embedding size they project to."""
-
-    vision: VisionShape
-    text_hidden: int
-    text_layers: int
-    text_heads: int
-    text_intermediate: int
-    projection_dim: int
-    max_text_length: int = 77  # CLIP's context length
-
-
-_CLIP_SHAPES: dict[str, ClipShape] = {
-    "tiny": ClipShape(
-        vision=VisionShape(hidden=32, layers=2, heads=2, intermediate=64, image_size=28),
-        text_hidden=32,
-        text_layers=2,
-        text_heads=2,
-        text_intermediate=64,
-        projection_dim=48,
-    ),
-    # The embedding size of the real openai/clip-vit-base-patch32, so index and Parquet sizes
-    # in benchmarks are realistic.
-    "small": ClipShape(
-        vision=VisionShape(hidden=384, layers=4, heads=6, intermediate=1536, image_size=224, patch_size=32),
-        text_hidden=384,
-        text_layers=4,
-        text_heads=6,
-        text_intermediate=1536,
-        projection_dim=512,
-    ),
-}
-
-
-def build_random_clip(dest: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write a random-weight CLIPModel and CLIPProcessor to `dest` and return `dest`.
-
-    They load with CLIPModel / CLIPProcessor.from_pretrained like openai/clip-vit-base-patch32;
-    the same arguments always produce the same files.
-    """
-    if size not in _CLIP_SHAPES:
-        raise UserError(f"unknown model size {size!r}; choose one of: {', '.join(_CLIP_SHAPES)}")
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    shape = _CLIP_SHAPES[size]
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_clip_tokenizer(shape.max_text_length)
-    v = shape.vision
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=shape.text_hidden,
-            intermediate_size=shape.text_intermediate,
-            num_hidden_layers=shape.text_layers,
-            num_attention_heads=shape.text_heads,
-            max_position_embeddings=shape.max_text_length,
-            # The text tower pools at the first EOS, so it must be the tokenizer's own id.
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(
-            hidden_size=v.hidden,
-            intermediate_size=v.intermediate,
-            num_hidden_layers=v.layers,
-            num_attention_heads=v.heads,
-            image_size=v.image_size,
-            patch_size=v.patch_size,
-        ),
-        projection_dim=shape.projection_dim,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(config)
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": v.image_size}, crop_size={"height": v.image_size, "width": v.image_size}
-        ),
-        tokenizer=tokenizer,
-    )
-    model.save_pretrained(dest)
-    processor.save_pretrained(dest)
-    return dest
-
-
-def _train_clip_tokenizer(max_length: int):
-    """A small lower-casing byte-level BPE framed as CLIP's: <|startoftext|> text <|endoftext|>."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import TokenizersBackend
-
-    bos, eos = "<|startoftext|>", "<|endoftext|>"
-    backend = Tokenizer(models.BPE())
-    backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=_VOCAB_SIZE,
-        special_tokens=[bos, eos],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(_corpus(), trainer=trainer)
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A {eos}",
-        pair=f"{bos} $A {eos} {eos} $B {eos}",
-        special_tokens=[(bos, backend.token_to_id(bos)), (eos, backend.token_to_id(eos))],
-    )
-    # As in openai's CLIP tokenizer, padding is EOS; the text tower pools at the first one.
-    return TokenizersBackend(
-        tokenizer_object=backend,
-        bos_token=bos,
-        eos_token=eos,
-        pad_token=eos,
-        unk_token=eos,
-        model_max_length=max_length,
     )

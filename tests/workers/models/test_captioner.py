@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from loupe.schemas.errors import UserError
-from loupe.workers.models.captioner import Captioner, check_model
-from loupe.workers.models.random import FAMILIES, build_random_model
+from loupe.workers.models.captioner import Captioner
+from loupe.workers.models.random import FAMILIES
 
 # (width, height): every aspect ratio gets its own anyres tile grid and so its own number of
 # image tokens in llava-next and llava-onevision, which forces real left padding in a batch;
@@ -42,20 +42,14 @@ def images():
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("captioner-models")
-    return {family: build_random_model(root / family, family, "tiny", seed=0) for family in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def captioner(checkpoints):
+def captioner(tiny_checkpoints):
     """Captioner for (family, dtype), loaded once per module."""
     loaded = {}
 
     def get(family: str, dtype: str = "float64") -> Captioner:
         if (family, dtype) not in loaded:
             loaded[family, dtype] = Captioner(
-                str(checkpoints[family]),
+                str(tiny_checkpoints[family]),
                 max_new_tokens=NEW_TOKENS,
                 min_new_tokens=NEW_TOKENS,
                 device="cpu",
@@ -142,41 +136,16 @@ def test_captioner_settings(captioner):
     assert model.generation_config.num_beams == 1
 
 
-def test_sampling_generation_config_of_a_checkpoint_is_overridden(captioner, checkpoints, images, tmp_path):
+def test_sampling_generation_config_of_a_checkpoint_is_overridden(captioner, tiny_checkpoints, images, tmp_path):
     import json
     import shutil
 
-    sampling = shutil.copytree(checkpoints["llava"], tmp_path / "sampling")
+    sampling = shutil.copytree(tiny_checkpoints["llava"], tmp_path / "sampling")
     config = json.loads((sampling / "generation_config.json").read_text())
     config.update(do_sample=True, temperature=5.0, top_k=0, num_beams=3)
     (sampling / "generation_config.json").write_text(json.dumps(config))
     model = Captioner(str(sampling), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, dtype="float64")
     assert model(images) == captioner("llava")(images)
-
-
-def test_check_model_accepts_a_random_checkpoint(checkpoints):
-    for path in checkpoints.values():
-        check_model(str(path))
-
-
-@pytest.mark.parametrize("model", ["missing-dir", "loupe-test/no-such-model"])
-def test_check_model_rejects_unknown_models(tmp_path, monkeypatch, model):
-    monkeypatch.chdir(tmp_path)  # "missing-dir" is a path that does not exist
-    with pytest.raises(UserError) as raised:
-        check_model(model)
-    message = str(raised.value)
-    assert "\n" not in message
-    assert repr(model) in message and "not found" in message
-
-
-def test_check_model_rejects_a_text_only_checkpoint(tmp_path):
-    from transformers import LlamaConfig
-
-    LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
-    ).save_pretrained(tmp_path)
-    with pytest.raises(UserError, match="not an image-text-to-text model"):
-        check_model(str(tmp_path))
 
 
 def test_captioner_on_a_missing_model_is_a_user_error(tmp_path):
@@ -185,19 +154,19 @@ def test_captioner_on_a_missing_model_is_a_user_error(tmp_path):
     assert "\n" not in str(raised.value)
 
 
-def test_captioner_on_a_checkpoint_without_weights_is_a_user_error(checkpoints, tmp_path):
+def test_captioner_on_a_checkpoint_without_weights_is_a_user_error(tiny_checkpoints, tmp_path):
     import shutil
 
-    broken = shutil.copytree(checkpoints["llava"], tmp_path / "broken")
+    broken = shutil.copytree(tiny_checkpoints["llava"], tmp_path / "broken")
     (broken / "model.safetensors").unlink()
     with pytest.raises(UserError, match="could not be loaded from the local path") as raised:
         Captioner(str(broken), device="cpu")
     assert "\n" not in str(raised.value)
 
 
-def test_captioner_rejects_an_unknown_dtype(checkpoints):
+def test_captioner_rejects_an_unknown_dtype(tiny_checkpoints):
     with pytest.raises(UserError, match="unknown dtype"):
-        Captioner(str(checkpoints["llava"]), device="cpu", dtype="float8")
+        Captioner(str(tiny_checkpoints["llava"]), device="cpu", dtype="float8")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

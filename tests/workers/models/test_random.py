@@ -24,23 +24,17 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("random-models")
-    return {family: build_random_model(root / family, family, "tiny", seed=0) for family in FAMILIES}
-
-
 def _digests(path):
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_checkpoint_loads_like_a_real_one(checkpoints, family):
+def test_checkpoint_loads_like_a_real_one(tiny_checkpoints, family):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model_class, processor_class, prompt = EXPECTED[family]
-    processor = AutoProcessor.from_pretrained(checkpoints[family])
-    model = AutoModelForImageTextToText.from_pretrained(checkpoints[family])
+    processor = AutoProcessor.from_pretrained(tiny_checkpoints[family])
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoints[family])
     assert type(model).__name__ == model_class
     assert type(processor).__name__ == processor_class
 
@@ -59,10 +53,10 @@ def test_checkpoint_loads_like_a_real_one(checkpoints, family):
 
 
 @pytest.mark.parametrize("family", ["llava-next", "llava-onevision"])
-def test_anyres_tiling_depends_on_aspect_ratio(checkpoints, family):
+def test_anyres_tiling_depends_on_aspect_ratio(tiny_checkpoints, family):
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(checkpoints[family])
+    processor = AutoProcessor.from_pretrained(tiny_checkpoints[family])
     counts = []
     for width, height in [(40, 30), (30, 90), (120, 50)]:
         inputs = processor(images=Image.new("RGB", (width, height)), text="<image>", return_tensors="pt")
@@ -71,23 +65,23 @@ def test_anyres_tiling_depends_on_aspect_ratio(checkpoints, family):
     assert len(set(counts)) == 3
 
 
-def test_same_seed_same_files_other_seed_other_weights(checkpoints, tmp_path):
+def test_same_seed_same_files_other_seed_other_weights(tiny_checkpoints, tmp_path):
     again = _digests(build_random_model(tmp_path / "again", "llava-onevision", "tiny", seed=0))
-    assert again == _digests(checkpoints["llava-onevision"])
+    assert again == _digests(tiny_checkpoints["llava-onevision"])
 
     other = _digests(build_random_model(tmp_path / "other", "llava-onevision", "tiny", seed=1))
     assert other["model.safetensors"] != again["model.safetensors"]
     assert other["tokenizer.json"] == again["tokenizer.json"]
 
 
-def test_same_seed_same_captions(checkpoints, tmp_path):
+def test_same_seed_same_captions(tiny_checkpoints, tmp_path):
     from loupe.workers.models.captioner import Captioner
 
     images = [Image.new("RGB", (40, 30), "red"), Image.new("RGB", (30, 90), "blue")]
     rebuilt = build_random_model(tmp_path / "again", "llava", "tiny", seed=0)
     captions = [
         Captioner(str(path), max_new_tokens=8, min_new_tokens=8)(images)
-        for path in (checkpoints["llava"], rebuilt)
+        for path in (tiny_checkpoints["llava"], rebuilt)
     ]
     assert captions[0] == captions[1]
     assert all(captions[0])
@@ -103,7 +97,7 @@ def test_unknown_family_or_size_is_a_user_error(tmp_path, family, size):
     assert not (tmp_path / "model").exists()
 
 
-# Published sizes of the public checkpoints the 7b shapes copy (llava-hf model cards).
+# Published sizes of the public tiny_checkpoints the 7b shapes copy (llava-hf model cards).
 FULL_SIZE_PARAMETERS = {"llava": 7.06e9, "llava-next": 7.57e9, "llava-onevision": 8.03e9}
 
 
@@ -138,9 +132,9 @@ def test_7b_is_never_built_on_the_cpu(tmp_path):
     assert not (tmp_path / "model").exists()
 
 
-def test_parameter_count_matches_the_built_checkpoint(checkpoints):
+def test_parameter_count_matches_the_built_checkpoint(tiny_checkpoints):
     from loupe.workers.models.random import parameter_count
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(checkpoints["llava-next"])
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoints["llava-next"])
     assert parameter_count("llava-next", "tiny") == sum(p.numel() for p in model.parameters())
