@@ -86,10 +86,22 @@ def _read_files(uris: tuple[str, ...], storage: Storage, max_concurrency: int) -
 
 
 def _fetched(uri: str, future: Future[bytes]) -> Sample:
+    # Storage has already retried what passes; storage-wide trouble (bad credentials, an
+    # unreachable endpoint) is not an OSError and still fails the shard.
     try:
         return _sample(uri, future.result())
-    except OSError as exc:  # this object is gone or unreadable; storage-wide trouble still raises
-        return _sample(uri, None, error=(ErrorCode.READ_FAILED, one_line(exc, 200)))
+    except OSError as exc:
+        return _sample(uri, None, error=(_read_error_code(exc), one_line(exc, 200)))
+
+
+def _read_error_code(exc: OSError) -> ErrorCode:
+    """The error-row code for an object that could not be read: permanent (not found, access
+    denied) or a transient failure that outlived its retries."""
+    if isinstance(exc, FileNotFoundError):
+        return ErrorCode.NOT_FOUND
+    if isinstance(exc, PermissionError):
+        return ErrorCode.ACCESS_DENIED
+    return ErrorCode.READ_FAILED
 
 
 # -- WebDataset tar ------------------------------------------------------------------------

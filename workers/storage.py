@@ -1,11 +1,11 @@
-"""Object storage by URI: local paths and s3://bucket/prefix on any S3-compatible endpoint."""
+"""Object storage by URI: the Storage interface, local paths, and the choice of backend (S3 is in s3.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import io
+import fcntl
+import hashlib
 import os
-import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -13,21 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import boto3
-from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
-from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
-from botocore.exceptions import ConnectionError as EndpointUnreachable  # refused, timed out, TLS, proxy
-
 from loupe.schemas.errors import UserError
-
-MiB = 1 << 20
-MULTIPART_THRESHOLD = 64 * MiB  # below it, write_bytes is one PUT
-READ_AHEAD = 1 * MiB  # open_seekable's buffer: Parquet footers and page headers are small reads
 
 
 class MissingLocation(UserError):
     """A listed folder or prefix that does not exist (unlike a missing bucket or a refused request)."""
+
+
+class AccessDenied(UserError, PermissionError):
+    """The store refused access to an object: a PermissionError (one image's error row) that the
+    CLI, where it stops a command, still prints as one line."""
+
+
+class TransientError(OSError):
+    """Storage kept failing in a way that passes (throttled, 5xx, a body cut mid-stream, a timeout)
+    after every retry; an image read this way becomes a `read_failed` row, worth retrying later."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,23 @@ class Storage(ABC):
         """Replace the object with `data`; readers see the old object or the new one, never part of it."""
 
     @abstractmethod
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        """Create the object with `data` unless it exists: True if this call created it, False if not."""
+
+    @abstractmethod
+    def read_with_version(self, uri: str) -> tuple[bytes, str]:
+        """The object's bytes and an opaque version for `replace_if`; FileNotFoundError if missing."""
+
+    @abstractmethod
+    def replace_if(self, uri: str, data: bytes, version: str) -> bool:
+        """Compare-and-swap for small records: replace the object with `data` only if it is still at
+        `version`; False (nothing written) if it changed or is gone."""
+
+    @abstractmethod
+    def abort_uploads(self, uri: str) -> int:
+        """Abort the unfinished multipart uploads under a folder or prefix; how many there were."""
+
+    @abstractmethod
     def exists(self, uri: str) -> bool:
         """Whether the object (locally: any path) is there."""
 
@@ -83,6 +100,9 @@ def open_storage(uri: str, endpoint_url: str | None = None, *, max_attempts: int
     """
     scheme = uri.split("://", 1)[0] if "://" in uri else ""
     if scheme == "s3":
+        # Imported here because s3.py builds on this module (and local jobs never load boto3).
+        from loupe.workers.s3 import S3Storage
+
         return S3Storage(endpoint_url=endpoint_url, max_attempts=max_attempts)
     if scheme in ("", "file"):
         return LocalStorage()
@@ -130,6 +150,57 @@ class LocalStorage(Storage):
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         path = Path(self._path(uri))
+        with self._temp_copy(path, data) as temp:
+            os.replace(temp, path)
+        _fsync_dir(path.parent)
+
+    def create_exclusive(self, uri: str, data: bytes) -> bool:
+        path = Path(self._path(uri))
+        # A hard link of a complete temp file: as exclusive as O_CREAT|O_EXCL, and nobody ever
+        # reads the record half-written.
+        with self._temp_copy(path, data) as temp:
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                return False
+        _fsync_dir(path.parent)
+        return True
+
+    def read_with_version(self, uri: str) -> tuple[bytes, str]:
+        with open(self._path(uri), "rb") as stream:
+            data = stream.read()
+        return data, _content_version(data)
+
+    def replace_if(self, uri: str, data: bytes, version: str) -> bool:
+        path = Path(self._path(uri))
+        # The version is the content's hash, like S3's ETag; the folder's lock makes the
+        # compare and the rename one step for every process on this host (and NFS clients
+        # whose flock is a real lock).
+        if not path.parent.is_dir():
+            return False
+        with _locked(path.parent):
+            try:
+                current = path.read_bytes()
+            except FileNotFoundError:
+                return False
+            if _content_version(current) != version:
+                return False
+            self.write_bytes(uri, data)
+        return True
+
+    def abort_uploads(self, uri: str) -> int:
+        return 0  # local writes have no multipart uploads: a killed write leaves a temp file at most
+
+    def exists(self, uri: str) -> bool:
+        return os.path.exists(self._path(uri))
+
+    def delete(self, uri: str) -> None:
+        Path(self._path(uri)).unlink(missing_ok=True)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _temp_copy(path: Path, data: bytes) -> Iterator[Path]:
+        """`data` in a synced temp file beside `path` (".name.<hex>.tmp"), removed afterwards."""
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
@@ -140,199 +211,29 @@ class LocalStorage(Storage):
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        # The rename itself is only durable once the directory entry is on disk.
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
+            yield temp
         finally:
-            os.close(dir_fd)
-
-    def exists(self, uri: str) -> bool:
-        return os.path.exists(self._path(uri))
-
-    def delete(self, uri: str) -> None:
-        Path(self._path(uri)).unlink(missing_ok=True)
+            temp.unlink(missing_ok=True)
 
 
-def _split_s3(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    if not bucket:
-        raise UserError(f"no bucket in {uri} (expected s3://bucket/prefix)")
-    return bucket, key
+def _content_version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-# Error codes that mean the user has to fix something; the messages never quote the service's
-# own text, which can echo request details.
-_USER_ERRORS = {
-    "NoSuchBucket": "bucket does not exist",
-    "InvalidBucketName": "invalid bucket name",
-    "AccessDenied": "access denied",
-    "403": "access denied or invalid credentials",
-    "AllAccessDisabled": "access denied",
-    "InvalidAccessKeyId": "invalid credentials (unknown access key id)",
-    "SignatureDoesNotMatch": "invalid credentials (secret key does not match)",
-    "InvalidToken": "invalid credentials (bad session token)",
-    "ExpiredToken": "invalid credentials (session token expired)",
-    "AuthorizationHeaderMalformed": "invalid credentials or wrong region",
-    "PermanentRedirect": "wrong region or endpoint for this bucket",
-}
+def _fsync_dir(folder: Path) -> None:
+    # A rename or link is only durable once the directory entry is on disk.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-class S3Storage(Storage):
-    """S3 or any S3-compatible store (MinIO, Ceph, R2, ...), through one lazily made boto3 client."""
-
-    def __init__(
-        self,
-        endpoint_url: str | None = None,
-        *,
-        page_size: int = 1000,
-        max_attempts: int = 10,
-        max_pool_connections: int = 32,
-    ) -> None:
-        self.endpoint_url = endpoint_url
-        self.page_size = page_size
-        self.max_attempts = max_attempts
-        self.max_pool_connections = max_pool_connections
-        self._client = None
-        self._lock = threading.Lock()
-
-    @property
-    def client(self):
-        with self._lock:
-            if self._client is None:
-                config = Config(
-                    retries={"mode": "standard", "max_attempts": self.max_attempts},
-                    max_pool_connections=self.max_pool_connections,
-                )
-                # A Session of our own: boto3's default session is not safe to share between threads.
-                # endpoint_url=None lets boto3 read AWS_ENDPOINT_URL itself.
-                self._client = boto3.session.Session().client(
-                    "s3", endpoint_url=self.endpoint_url, config=config
-                )
-            return self._client
-
-    @contextlib.contextmanager
-    def _errors(self, uri: str) -> Iterator[None]:
-        """Errors a user can fix become one-line UserErrors; a missing key, FileNotFoundError."""
-        try:
-            yield
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404"):
-                raise FileNotFoundError(f"no such object: {uri}") from None
-            if code in _USER_ERRORS:
-                raise UserError(f"{_USER_ERRORS[code]}: {uri} ({code})") from None
-            raise
-        except (NoCredentialsError, PartialCredentialsError):
-            raise UserError(f"no usable AWS credentials for {uri}") from None
-        except EndpointUnreachable:
-            endpoint = self.client.meta.endpoint_url
-            raise UserError(f"cannot reach the S3 endpoint {endpoint} for {uri}") from None
-
-    def list(self, uri: str) -> Iterator[ObjectInfo]:
-        bucket, key = _split_s3(uri)
-        with self._errors(uri):
-            if key and not key.endswith("/"):
-                try:
-                    head = self.client.head_object(Bucket=bucket, Key=key)
-                except ClientError as exc:
-                    if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
-                        raise
-                else:
-                    yield ObjectInfo(uri, head["ContentLength"])
-                    return
-            prefix = key.rstrip("/") + "/" if key else ""
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": self.page_size}
-            )
-            found = False
-            for page in pages:
-                for obj in page.get("Contents", ()):
-                    found = True
-                    # Zero-byte "folder/" markers from consoles have no local counterpart.
-                    if not obj["Key"].endswith("/"):
-                        yield ObjectInfo(f"s3://{bucket}/{obj['Key']}", obj["Size"])
-            if not found and prefix:
-                raise MissingLocation(f"nothing found under {uri}")
-
-    def open(self, uri: str) -> BinaryIO:
-        bucket, key = _split_s3(uri)
-        with self._errors(uri):
-            return self.client.get_object(Bucket=bucket, Key=key)["Body"]
-
-    def open_seekable(self, uri: str) -> BinaryIO:
-        bucket, key = _split_s3(uri)
-        with self._errors(uri):
-            head = self.client.head_object(Bucket=bucket, Key=key)
-        raw = _S3RangeReader(self, uri, head["ContentLength"], head["ETag"])
-        return io.BufferedReader(raw, buffer_size=READ_AHEAD)
-
-    def write_bytes(self, uri: str, data: bytes) -> None:
-        bucket, key = _split_s3(uri)
-        # One PUT up to the threshold; above it a multipart upload that S3 only makes visible
-        # when it is completed, and that boto3 aborts if a part fails.
-        config = TransferConfig(
-            multipart_threshold=MULTIPART_THRESHOLD,
-            multipart_chunksize=MULTIPART_THRESHOLD,
-            preferred_transfer_client="classic",
-        )
-        with self._errors(uri):
-            self.client.upload_fileobj(io.BytesIO(data), bucket, key, Config=config)
-
-    def exists(self, uri: str) -> bool:
-        bucket, key = _split_s3(uri)
-        try:
-            with self._errors(uri):
-                self.client.head_object(Bucket=bucket, Key=key)
-        except FileNotFoundError:
-            return False
-        return True
-
-    def delete(self, uri: str) -> None:
-        bucket, key = _split_s3(uri)
-        with self._errors(uri):
-            self.client.delete_object(Bucket=bucket, Key=key)
-
-
-class _S3RangeReader(io.RawIOBase):
-    """Random access to one S3 object by ranged GETs, pinned to the ETag it had when opened."""
-
-    def __init__(self, storage: S3Storage, uri: str, size: int, etag: str) -> None:
-        self._storage, self._uri, self._size, self._etag = storage, uri, size, etag
-        self._bucket, self._key = _split_s3(uri)
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        if base + offset < 0:
-            raise ValueError(f"negative seek position {base + offset}")
-        self._pos = base + offset
-        return self._pos
-
-    def readinto(self, buffer) -> int:
-        if self._pos >= self._size or len(buffer) == 0:
-            return 0
-        last = min(self._pos + len(buffer), self._size) - 1
-        # IfMatch: if the object is replaced mid-read, fail (412) rather than mix two versions.
-        with self._storage._errors(self._uri):
-            body = self._storage.client.get_object(
-                Bucket=self._bucket, Key=self._key, Range=f"bytes={self._pos}-{last}", IfMatch=self._etag
-            )["Body"]
-        with body:
-            data = body.read()
-        buffer[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -16,7 +16,8 @@ from loupe.schemas.codes import ErrorCode
 from loupe.schemas.errors import UserError
 from loupe.schemas.plan import Shard, ShardKind
 from loupe.workers.reader import image_id_for, read_shard
-from loupe.workers.storage import LocalStorage, S3Storage, join_uri
+from loupe.workers.s3 import S3Storage
+from loupe.workers.storage import LocalStorage, TransientError, join_uri
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -53,7 +54,7 @@ def test_files_shard_in_order_with_missing_object(root):
     assert [s.source_uri for s in samples] == list(shard.uris)
     assert [s.image_id for s in samples] == [image_id_for(u) for u in shard.uris]
     gone = samples[20]
-    assert gone.data is None and gone.error[0] == ErrorCode.READ_FAILED and "gone.jpg" in gone.error[1]
+    assert gone.data is None and gone.error[0] == ErrorCode.NOT_FOUND and "gone.jpg" in gone.error[1]
     ok = samples[:20] + samples[21:]
     assert [s.data for s in ok] == [f"image {i}".encode() for i in range(40)]
     assert all(s.error is None and s.metadata == {} for s in ok)
@@ -79,6 +80,32 @@ class _SlowStorage(LocalStorage):
         with self.lock:
             self.running -= 1
         return super().read_bytes(uri)
+
+
+class _RefusingStorage(LocalStorage):
+    """Local storage that refuses some reads the way a store does: denied, or failing transiently."""
+
+    def read_bytes(self, uri: str) -> bytes:
+        if "denied" in uri:
+            raise PermissionError(13, "Permission denied", uri)
+        if "flaky" in uri:
+            raise TransientError(f"{uri}: still failing after 5 attempts (SlowDown)")
+        return super().read_bytes(uri)
+
+
+def test_read_failures_become_rows_with_a_code_saying_which(tmp_path):
+    names = ["ok.jpg", "denied.jpg", "flaky.jpg", "gone.jpg"]
+    for name in names[:3]:
+        (tmp_path / name).write_bytes(b"x")
+    shard = Shard(0, ShardKind.FILES, tuple(str(tmp_path / n) for n in names))
+    samples = list(read_shard(shard, _RefusingStorage()))
+    assert [s.error[0] if s.error else None for s in samples] == [
+        None,
+        ErrorCode.ACCESS_DENIED,
+        ErrorCode.READ_FAILED,
+        ErrorCode.NOT_FOUND,
+    ]
+    assert all("\n" not in s.error[1] and names[i] in s.error[1] for i, s in enumerate(samples) if s.error)
 
 
 def test_files_are_fetched_concurrently_with_bounded_read_ahead(tmp_path):

@@ -6,6 +6,7 @@ import io
 import os
 import random
 import socket
+import threading
 
 import pytest
 import requests
@@ -13,11 +14,11 @@ from botocore.exceptions import ClientError
 
 from loupe.schemas.errors import UserError
 from loupe.workers import storage as storage_module
+from loupe.workers.s3 import MIN_PART_SIZE, S3Storage
 from loupe.workers.storage import (
     LocalStorage,
     MissingLocation,
     ObjectInfo,
-    S3Storage,
     join_uri,
     open_storage,
 )
@@ -155,15 +156,19 @@ def test_local_write_leaves_no_temp_file_and_is_all_or_nothing(tmp_path, monkeyp
     assert target.read_bytes() == b"new"
 
 
-def test_s3_large_write_is_one_multipart_upload(s3_endpoint, s3_bucket, monkeypatch):
-    monkeypatch.setattr(storage_module, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)  # S3's smallest part
-    storage = S3Storage(endpoint_url=s3_endpoint)
+def test_s3_large_write_is_one_multipart_upload(s3_endpoint, s3_bucket):
+    storage = S3Storage(endpoint_url=s3_endpoint, multipart_threshold=MIN_PART_SIZE)
     parts = _counting(storage, "UploadPart")
     puts = _counting(storage, "PutObject")
     data = random.Random(1).randbytes(11 * 1024 * 1024)
     storage.write_bytes(f"s3://{s3_bucket}/big.bin", data)
     assert (len(parts), len(puts)) == (3, 0)
     assert storage.read_bytes(f"s3://{s3_bucket}/big.bin") == data
+    # Below the threshold, one PUT.
+    storage.write_bytes(f"s3://{s3_bucket}/small.bin", data[: MIN_PART_SIZE - 1])
+    assert (len(parts), len(puts)) == (3, 1)
+    with pytest.raises(ValueError, match="at least"):
+        S3Storage(multipart_threshold=MIN_PART_SIZE - 1)
 
 
 def test_open_seekable_random_access(root):
@@ -267,6 +272,8 @@ def test_bad_credentials_are_user_errors(s3_endpoint, s3_bucket, moto_auth, monk
     ):
         with pytest.raises(UserError, match=message) as caught:
             attempt()
+        # A refused object is one image's error row; bad credentials stop the job.
+        assert isinstance(caught.value, PermissionError) == (which == "no permission")
         text = str(caught.value)
         assert s3_bucket in text and "\n" not in text
         assert secret not in text and key_id not in text
@@ -306,3 +313,78 @@ def test_open_storage_and_join_uri(tmp_path):
     assert join_uri("s3://b/out/", "parts", "/x.parquet") == "s3://b/out/parts/x.parquet"
     assert join_uri("/data", "a/b") == "/data/a/b"
     assert join_uri("/", "a") == "/a"
+
+
+# -- conditional writes and unfinished uploads ---------------------------------------------------
+
+
+def test_create_exclusive_creates_once(root):
+    storage, base = root
+    uri = join_uri(base, "new/folder/_lease.json")
+    assert storage.create_exclusive(uri, b"first")
+    assert not storage.create_exclusive(uri, b"second")
+    assert storage.read_bytes(uri) == b"first"
+    if isinstance(storage, LocalStorage):
+        assert os.listdir(os.path.dirname(uri)) == ["_lease.json"]  # no temp file left behind
+
+
+def _race(count: int, attempt) -> list:
+    """`attempt(i)` from `count` threads released together; their results in order."""
+    barrier = threading.Barrier(count)
+    results: list = [None] * count
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = attempt(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_create_exclusive_has_one_winner(root):
+    storage, base = root
+    uri = join_uri(base, "_job.json")
+    created = _race(8, lambda i: storage.create_exclusive(uri, f"writer {i}".encode()))
+    assert created.count(True) == 1
+    assert storage.read_bytes(uri) == f"writer {created.index(True)}".encode()
+
+
+def test_replace_if_is_compare_and_swap(root):
+    storage, base = root
+    uri = join_uri(base, "record.json")
+    with pytest.raises(FileNotFoundError):
+        storage.read_with_version(uri)
+    assert not storage.replace_if(uri, b"x", "any-version")  # nothing to replace
+    storage.create_exclusive(uri, b"v1")
+    data, version = storage.read_with_version(uri)
+    assert data == b"v1"
+    assert storage.replace_if(uri, b"v2", version)
+    assert not storage.replace_if(uri, b"v3", version)  # stale: someone (we) changed it since
+    data, newer = storage.read_with_version(uri)
+    assert (data, newer != version) == (b"v2", True)
+    swapped = _race(6, lambda i: storage.replace_if(uri, f"v3 by {i}".encode(), newer))
+    assert swapped.count(True) == 1
+    assert storage.read_bytes(uri) == f"v3 by {swapped.index(True)}".encode()
+    assert not storage.replace_if(join_uri(base, "no/such/folder/x"), b"x", newer)
+
+
+def test_abort_uploads_under_a_prefix_only(s3_endpoint, s3_client, s3_bucket, tmp_path):
+    def start(key: str) -> None:
+        upload = s3_client.create_multipart_upload(Bucket=s3_bucket, Key=key)
+        s3_client.upload_part(
+            Bucket=s3_bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"p" * 1024
+        )
+
+    for key in ("out/parts/part-00000.parquet", "out/parts/part-00001.parquet", "out2/parts/x", "outside"):
+        start(key)
+    storage = S3Storage(endpoint_url=s3_endpoint)
+    assert storage.abort_uploads(f"s3://{s3_bucket}/out") == 2  # "out" is a folder: not "out2/"
+    left = s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+    assert sorted(u["Key"] for u in left) == ["out2/parts/x", "outside"]
+    assert storage.abort_uploads(f"s3://{s3_bucket}/out/") == 0
+    assert not storage.exists(f"s3://{s3_bucket}/out/parts/part-00000.parquet")  # nothing ever visible
+    assert LocalStorage().abort_uploads(str(tmp_path)) == 0
