@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from dataclasses import asdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from loupe.jobs.bench.commands import bench_app
+from loupe.jobs.console import ProgressBar, add_flagged, one_line_errors, print_summary
 from loupe.schemas.errors import UserError
 
 app = typer.Typer(
@@ -23,22 +22,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-
-
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """A user mistake is one line on stderr and exit 2; an interrupted job says how to resume."""
-    try:
-        yield
-    except UserError as exc:
-        typer.echo(f"loupe: error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        typer.echo("loupe: interrupted; rerun the same command to resume", err=True)
-        raise typer.Exit(130) from None
-
-
 @app.command()
 def run(
     input: Annotated[str, typer.Argument(help="Local folder, s3://bucket/prefix/, .tar or .parquet file(s).")],
@@ -67,7 +50,7 @@ def run(
     from loupe.jobs.runner import run_job
     from loupe.schemas.config import load_config
 
-    with _user_errors():
+    with one_line_errors():
         job = load_config(
             config,
             input=input,
@@ -91,14 +74,14 @@ def run(
             text_column=text_column,
             overwrite=overwrite or None,
         )
-        with _ProgressBar() as bar:
+        with ProgressBar() as bar:
             try:
                 result = run_job(job, bar)
             except RuntimeError as exc:
                 bar.stop()
                 typer.echo(f"loupe: job stopped: {exc}", err=True)
                 raise typer.Exit(1) from None
-        _print_summary(result)
+        print_summary(result)
         if not result.complete:
             raise typer.Exit(1)
 
@@ -112,7 +95,7 @@ def status(
     """Show shards done/total, rows ok/error, failed shards, images/s and completeness."""
     from loupe.jobs.status import job_status
 
-    with _user_errors():
+    with one_line_errors():
         state = job_status(output, endpoint_url)
     if as_json:
         typer.echo(json.dumps(state.to_dict(), indent=2))
@@ -124,7 +107,7 @@ def status(
     table.add_row("rows", f"{state.rows_ok} ok, {state.rows_error} error")
     for code, count in state.error_codes.items():
         table.add_row("", f"{count} {code}")
-    _add_flagged(table, state.rows_flagged, state.flagged)
+    add_flagged(table, state.rows_flagged, state.flagged)
     table.add_row("throughput", f"{state.images_per_second:.2f} images/s")
     table.add_row("failed shards", ", ".join(str(f["shard_id"]) for f in state.failed_shards) or "none")
     table.add_row("complete", "yes" if state.complete else "no")
@@ -134,14 +117,14 @@ def status(
 @app.command("random-model")
 def random_model(
     dest: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.")],
-    family: Annotated[str, typer.Option(help="llava, llava-next or llava-onevision.")] = "llava",
-    size: Annotated[str, typer.Option(help="tiny (tests) or small (CPU benchmarks).")] = "tiny",
-    seed: Annotated[int, typer.Option(help="Seed of the random weights and tokenizer.")] = 0,
+    family: Annotated[str, typer.Option(help="llava, llava-next, llava-onevision or clip.")] = "llava",
+    size: Annotated[str, typer.Option(help="tiny (tests), small (CPU benchmarks) or 7b (built on a GPU).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights; the tokenizer is the same for every seed.")] = 0,
 ) -> None:
     """Write a random-weight checkpoint that loads like a real one (for tests, demos, benchmarks)."""
     from loupe.workers.models.random import build_random_model
 
-    with _user_errors():
+    with one_line_errors():
         path = build_random_model(dest, family, size, seed=seed)
     typer.echo(f"wrote a random-weight {family} ({size}) checkpoint to {path}; its captions are noise")
 
@@ -153,109 +136,11 @@ def demo(
     """Build a tiny model and sample images, run a whole job on a local Ray cluster, show the result."""
     from loupe.jobs.demo import run_demo
 
-    with _user_errors():
-        run_demo(workdir, _ProgressBar, _print_summary)
+    with one_line_errors():
+        run_demo(workdir, ProgressBar, print_summary)
 
 
-@app.command()
-def bench(
-    family: Annotated[str, typer.Option(help="llava, llava-next or llava-onevision.")] = "llava",
-    size: Annotated[str, typer.Option(help="tiny, small (CPU-sized) or 7b (the family's 7B shape; GPU).")] = "small",
-    images: Annotated[int, typer.Option(help="Generated JPEGs of varied sizes to caption.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 32,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per caption, fixed (minimum = maximum).")] = 64,
-    tasks: Annotated[str, typer.Option(help="Comma-separated: caption, moderate, embed.")] = "caption",
-    source: Annotated[str, typer.Option(help="local folder, or s3 (a loopback S3 endpoint started for the run).")] = "local",
-    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when a GPU is there).")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPUs of the local Ray cluster, so torch threads per replica (CPU).")] = None,
-    naive_images: Annotated[Optional[int], typer.Option(help="Images for the one-at-a-time baseline (default 16).")] = None,
-    repeats: Annotated[int, typer.Option(help="Turns of job and model alone; medians are reported (noisy machines).")] = 1,
-    shard_size: Annotated[Optional[int], typer.Option(help="Images per shard (default: about four shards).")] = None,
-    workdir: Annotated[Optional[Path], typer.Option(help="Keep the checkpoint and images here between runs.")] = None,
-    endpoint_url: Annotated[Optional[str], typer.Option(help="With --source s3: this S3-compatible endpoint (a bucket is created and removed).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-) -> None:
-    """Images/s of a whole job beside the model alone and a naive loop, and where the time goes."""
-    from loupe.jobs.bench.job import BenchOptions, format_table, run_bench  # first: it sets offline mode
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    options = BenchOptions(
-        family=family, size=size, images=images, batch_size=batch_size, max_new_tokens=max_new_tokens,
-        tasks=tasks, source=source, device=device, threads=threads, naive_images=naive_images, repeats=repeats,
-        shard_size=shard_size, workdir=str(workdir) if workdir else None, endpoint_url=endpoint_url,
-    )
-    with _user_errors():
-        result = run_bench(options, log=lambda line: console.print(f"[dim]{line}[/]"))
-    typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))
-
-
-class _ProgressBar:
-    """Shards and images done, and images/s, while a job runs (a JobObserver)."""
-
-    def __init__(self) -> None:
-        self._progress = Progress(
-            TextColumn("[bold]shards"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[images]} images, {task.fields[rate]:.1f} images/s"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        )
-        self._task = None
-        self._images = 0
-
-    def __enter__(self) -> _ProgressBar:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._progress.stop()
-
-    def started(self, shards_total: int, shards_done: int, replicas: int) -> None:
-        if shards_done:
-            console.print(f"resuming: {shards_done} of {shards_total} shards already done")
-        self._task = self._progress.add_task("job", total=shards_total, completed=shards_done, images=0, rate=0.0)
-
-    def shard_done(self, stats) -> None:
-        self._images += stats.rows
-        elapsed = self._progress.tasks[0].elapsed or 0.0
-        self._progress.update(
-            self._task, advance=1, images=self._images, rate=self._images / elapsed if elapsed else 0.0
-        )
-
-    def shard_failed(self, failure) -> None:
-        console.print(f"[red]shard {failure.shard_id} failed after {failure.attempts} attempts:[/] {failure.error}")
-
-
-def _print_summary(result) -> None:
-    table = Table(title="loupe run", show_header=False, box=None, title_justify="left")
-    table.add_row("output", result.output)
-    table.add_row("shards", f"{result.shards_done}/{result.shards_total} done ({result.shards_skipped} from an earlier run)")
-    table.add_row("rows", f"{result.rows_ok} ok, {result.rows_error} error")
-    for code, count in result.error_codes.items():
-        table.add_row("", f"{count} {code}")
-    _add_flagged(table, result.rows_flagged, result.flagged)
-    table.add_row("this run", f"{result.images_this_run} images in {result.seconds:.1f} s ({result.images_per_second:.2f} images/s)")
-    if result.nodes:
-        table.add_row("nodes", str(len(result.nodes)))
-    for failure in result.failures:
-        table.add_row("[red]failed shard", f"{failure.shard_id}: {failure.error}")
-    for kind, record in result.indexes.items():
-        table.add_row(f"{kind} index", f"{record.vectors} vectors, {record.factory}, recall@10 {record.recall_at_10:.3f}")
-    table.add_row("complete", "yes: _manifest.json lists every part" if result.complete else "no: rerun the same command to retry")
-    Console().print(table)
-
-
-def _add_flagged(table: Table, rows_flagged: int, flagged: dict[str, int]) -> None:
-    table.add_row("flagged", f"{rows_flagged} rows")
-    for key, count in sorted(flagged.items(), key=lambda kv: -kv[1]):
-        table.add_row("", f"{count} {key}")
+app.add_typer(bench_app, name="bench")
 
 
 @app.command()
@@ -267,8 +152,9 @@ def index(
     endpoint_url: Annotated[Optional[str], typer.Option(envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint.")] = None,
 ) -> None:
     """Build (or rebuild and re-tune) the FAISS index of OUTPUT's embeddings."""
-    with _user_errors():
-        from loupe.jobs.indexing import build_output_index, parse_size  # without FAISS: one line
+    with one_line_errors():
+        from loupe.jobs.indexing import build_output_index  # without FAISS: one line
+        from loupe.workers.index.choose import parse_size
 
         if not 0 < target_recall <= 1:
             raise UserError("invalid option 'target_recall': must be in (0, 1]")
@@ -298,7 +184,7 @@ def search(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    with _user_errors():
+    with one_line_errors():
         from loupe.jobs.search import search as run_search  # without FAISS: one line
 
         hits = run_search(
@@ -341,7 +227,7 @@ def moderation_evaluate(
     """Precision, recall and F1 per category at its threshold, and the threshold that maximizes F1."""
     from loupe.jobs.evaluate import evaluate
 
-    with _user_errors():
+    with one_line_errors():
         report = evaluate(output, str(labels), endpoint_url)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))

@@ -14,6 +14,10 @@ INDEX_DIR = "index"
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
 INDEX_RECORD_FILE = "index.json"
+LEASE_FILE = "_lease.json"  # who drives the job on OUTPUT (jobs/lease.py)
+MATCHES_FILE = "matches/matches.parquet"  # `loupe match`: catalog images on a known-content hash list
+DUPLICATES_FILE = "duplicates/duplicates.parquet"  # `loupe dedup`: image id -> group, representative
+PROPAGATED_FILE = "duplicates/propagated.parquet"  # flags inherited by near-duplicates
 
 
 def part_path(shard_id: int) -> str:

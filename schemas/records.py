@@ -1,4 +1,4 @@
-"""The records a job keeps beside its parts (job, shard stats, failure, manifest): one base, one way to read and write each."""
+"""The records a job keeps beside its parts (job, shard stats, failure, manifest, index): one base, one way to read and write each."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 from loupe.schemas.errors import DamagedOutput, one_line
 
 FORMAT_VERSION = 1
+INDEX_FORMAT = 1
 
 
 class ShardState(str, Enum):
@@ -80,6 +81,9 @@ class ShardStats(Record):
     timings: dict[str, float] = field(default_factory=dict)
     rows_flagged: int = 0
     flagged: dict[str, int] = field(default_factory=dict)  # rows at or over each category's threshold
+    # The shortest side images were decoded at (JPEG DCT scaling); None: in full. A query image
+    # decoded the same way embeds to the same vector as its catalog row.
+    decode_side: int | None = None
 
 
 @dataclass
@@ -105,4 +109,36 @@ class Manifest(Record):
     listing_sha256: str
     written_at: str
     loupe_format: int = FORMAT_VERSION
-    index: dict[str, Any] = field(default_factory=dict)  # kind -> {"path", "sha256", "vectors"}, added by `loupe index`
+    index: dict[str, Any] = field(default_factory=dict)  # kind -> {"path", "sha256", "vectors", "record"}, added by `loupe index`
+    decode_side: int | None = None  # as in ShardStats: how query images must be decoded to match the catalog
+
+
+@dataclass
+class IndexRecord(Record):
+    """OUTPUT/index/{kind}/index.json: how the index was built, what it holds, and its checksums."""
+
+    kind: str
+    factory: str
+    params: dict[str, int]  # search parameters chosen by tune_search, applied on load
+    vectors: int
+    dim: int
+    recall_at_10: float  # measured against exact search on held-out data vectors
+    target_recall: float
+    build_seconds: float
+    index_sha256: str = ""
+    index_bytes: int = 0
+    ids_sha256: str = ""
+    column: str = ""
+    model: str | None = None  # the embedding model that made the vectors
+    metric: str = "inner_product"
+    tuning_queries: int = 0
+    train_vectors: int = 0
+    memory_budget: int = 0
+    seed: int = 0
+    # Every part whose vectors are in the index, in id order: {"path", "sha256", "rows", "vectors"}.
+    parts: list[dict[str, Any]] = field(default_factory=list)
+    # Vectors when recall was last measured: incremental adds keep the tuned parameters.
+    tuned_vectors: int = 0
+    faiss_version: str = ""
+    created_at: str = ""
+    format: int = INDEX_FORMAT

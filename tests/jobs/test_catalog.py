@@ -45,3 +45,26 @@ def test_run_builds_indexes_and_search_finds_rows(sample_images, tiny_llava, tin
 
     bad = runner.invoke(app, ["search", str(out), "x", "-k", "0"])
     assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_every_catalog_image_finds_itself_first_by_its_own_file(tiny_llava, tiny_clip, tmp_path):
+    """Query images are decoded as the job decoded them (JPEGs at a reduced DCT scale), so each
+    photo of the catalog comes back as its own best match with the same vector."""
+    from loupe.jobs.bench.photos import make_photos
+    from loupe.jobs.runner import run_job
+    from loupe.jobs.search import search
+    from loupe.schemas.config import JobConfig
+
+    photos = make_photos(tmp_path / "photos", 8, seed=3)
+    out = tmp_path / "out"
+    config = JobConfig(
+        input=str(tmp_path / "photos"), output=str(out), model=tiny_llava, image_embedding_model=tiny_clip,
+        tasks=("caption", "embed"), max_new_tokens=2, shard_size=4,
+    )
+    result = run_job(config)
+    assert result.complete and result.rows_ok == 8
+    manifest = Manifest.from_json((out / MANIFEST_FILE).read_bytes())
+    assert manifest.decode_side is not None  # the camera-sized JPEGs were decoded at a reduced scale
+    for photo in photos:
+        best = search(str(out), image=str(photo), k=2)[0]
+        assert best.source_uri == str(photo) and best.score >= 0.9999, (photo, best)
