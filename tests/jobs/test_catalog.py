@@ -67,4 +67,6 @@ def test_every_catalog_image_finds_itself_first_by_its_own_file(tiny_llava, tiny
     assert manifest.decode_side is not None  # the camera-sized JPEGs were decoded at a reduced scale
     for photo in photos:
         best = search(str(out), image=str(photo), k=2)[0]
-        assert best.source_uri == str(photo) and best.score >= 0.9999, (photo, best)
+        # The same pixels give the same vector up to float rounding; decoded at full size instead,
+        # the tiny CLIP scores these photos 0.99998-0.999997 against themselves.
+        assert best.source_uri == str(photo) and best.score >= 0.999999, (photo, best)
