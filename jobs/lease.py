@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -13,7 +14,7 @@ from datetime import datetime, timezone
 from loupe.schemas.errors import UserError, one_line
 from loupe.schemas.layout import LEASE_FILE
 from loupe.schemas.records import Record
-from loupe.workers.storage import Storage, join_uri
+from loupe.workers.storage import LocalStorage, Storage, join_uri
 
 _ACQUIRE_ROUNDS = 5  # create, read, take over: each lost race costs a round
 
@@ -43,6 +44,25 @@ class LeaseRecord(Record):
     expiry_s: float
 
 
+def _died_here(record: LeaseRecord) -> bool:
+    """Whether the lease's holder ran on this host and its process is gone (a killed driver's rerun
+    need not wait out the expiry)."""
+    if record.host != socket.gethostname() or record.pid == os.getpid():
+        return False
+    try:
+        os.kill(record.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
+def _local_folder(storage: Storage, output: str) -> str | None:
+    """OUTPUT's local folder, or None on object storage (where no folder is ever made)."""
+    return os.path.abspath(output.removeprefix("file://")) if isinstance(storage, LocalStorage) else None
+
+
 def _when(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -68,6 +88,7 @@ class Lease:
         self._lost: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, name="loupe-lease", daemon=True)
+        self._made_folder: str | None = None  # a local OUTPUT folder the lease created, removed if left empty
 
     @classmethod
     def acquire(
@@ -75,7 +96,8 @@ class Lease:
     ) -> Lease:
         """The lease on OUTPUT; LeaseHeld (one line naming the holder) while another run keeps it.
 
-        A lease not renewed for longer than its own expiry is taken over. Renewal comes every
+        A lease not renewed for longer than its own expiry is taken over, and at once when its
+        holder ran on this host and its process is gone. Renewal comes every
         `renew_every_s` (by default a quarter of `expiry_s`, at most half of it), so a holder
         survives a few failed renewals before anyone may take over.
         """
@@ -83,6 +105,8 @@ class Lease:
         if not 0 < renew_every_s <= expiry_s / 2:
             raise ValueError(f"renew_every_s must be in (0, expiry_s / 2], got {renew_every_s} for {expiry_s}")
         uri = join_uri(output, LEASE_FILE)
+        folder = _local_folder(storage, output)
+        made_folder = folder is not None and not os.path.exists(folder)
         now = time.time()
         mine = LeaseRecord(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now, expiry_s)
         taken_from = None
@@ -94,7 +118,7 @@ class Lease:
             except FileNotFoundError:  # released since: create it again
                 continue
             current = LeaseRecord.from_json(data, source=uri)
-            if time.time() - current.heartbeat <= current.expiry_s:
+            if time.time() - current.heartbeat <= current.expiry_s and not _died_here(current):
                 raise LeaseHeld(
                     f"{output} is in use by another loupe run ({_describe(current)}); it may be taken"
                     f" over once it goes {current.expiry_s:.0f}s without renewal"
@@ -107,6 +131,7 @@ class Lease:
             raise LeaseHeld(f"{output}: could not acquire its lease, other runs keep changing it")
         lease = cls(storage, output, mine, renew_every_s)
         lease.taken_from = taken_from
+        lease._made_folder = folder if made_folder else None
         lease._confirm(mine)
         lease._thread.start()
         return lease
@@ -162,6 +187,10 @@ class Lease:
             return
         if LeaseRecord.from_json(data, source=self.uri).holder == self.record.holder:
             self.storage.delete(self.uri)
+            if self._made_folder is not None:
+                # A run that wrote nothing (a user mistake found after the lease) leaves no OUTPUT behind.
+                with contextlib.suppress(OSError):
+                    os.rmdir(self._made_folder)
         self._lost = f"the lease on {self.output} was released"
 
     def __enter__(self) -> Lease:

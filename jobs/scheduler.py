@@ -19,15 +19,35 @@ SHARDS_PER_REPLICA = 2
 PROBE_INTERVAL_S = 0.5
 # The longest the scheduler waits for any result before it looks again (no wait is unbounded).
 WAIT_S = 5.0
+# A replica with work that gives no result for its shard timeout is taken for hung: its actor is
+# killed (Ray restarts it) and its shards go elsewhere. The automatic timeout is this many times
+# the slowest observed shard (seconds per image times the largest shard's images), never under
+# the floor; until a shard has finished, the initial timeout applies.
+SHARD_TIMEOUT_FACTOR = 10.0
+SHARD_TIMEOUT_FLOOR_S = 600.0
+SHARD_TIMEOUT_INITIAL_S = 3600.0
 
 
 class ShardError(Exception):
-    """A shard's call raised: its cause in one line, and whether the replica's process died under it."""
+    """A shard's call raised: its cause in one line, whether the replica's process died under it, and
+    whether every other shard would fail the same way (OUTPUT full or read-only): `fatal`."""
 
-    def __init__(self, cause: str, replica_died: bool = False) -> None:
+    def __init__(self, cause: str, replica_died: bool = False, fatal: bool = False) -> None:
         super().__init__(cause)
         self.cause = cause
         self.replica_died = replica_died
+        self.fatal = fatal
+
+
+class JobStopped(RuntimeError):
+    """A shard failed in a way every other shard would too (see ShardError.fatal): the job stops.
+
+    `hung` says how many replicas the run had restarted for hanging before it stopped.
+    """
+
+    def __init__(self, cause: str, hung: int = 0) -> None:
+        super().__init__(cause)
+        self.hung = hung
 
 
 class Probe(str, Enum):
@@ -58,6 +78,9 @@ class Replicas(Protocol):
     def probe_result(self, handle: Hashable) -> Probe:
         """A finished probe's answer."""
 
+    def kill(self, replica: int) -> None:
+        """Kill a hung replica's process (it is restarted if it has restarts left); its calls fail."""
+
 
 @dataclass(frozen=True)
 class _Work:
@@ -76,11 +99,17 @@ class Scheduler:
         *,
         probe_interval_s: float = PROBE_INTERVAL_S,
         wait_s: float = WAIT_S,
+        shard_timeout_s: float | None = None,
     ) -> None:
         self.replicas = replicas
         self.max_shard_retries = max_shard_retries
         self.probe_interval_s = probe_interval_s
         self.wait_s = wait_s
+        self.fixed_timeout_s = shard_timeout_s  # None: derived from the shards seen (see shard_timeout_s)
+        self.seconds_per_image = 0.0  # the slowest finished shard's
+        self.largest_shard = 0  # images in the largest finished shard
+        self.hung = 0  # replicas killed for giving no result within the shard timeout
+        self.progress = [time.monotonic()] * len(replicas)  # when each replica last started from idle or finished
         self.healthy = set(range(len(replicas)))  # replicas that take work
         self.load = [0] * len(replicas)  # shards running on each replica
         self.running: dict[Hashable, _Work] = {}
@@ -101,15 +130,18 @@ class Scheduler:
         `done(stats)` is called for each shard that finishes; a shard that raises is retried on
         another replica, up to max_shard_retries, then `failed(shard, attempts, cause)` is
         called. A replica whose process died gets no work until a probe finds it restarted,
-        and is dropped if its restarts are used up. RuntimeError once every replica is gone.
+        and is dropped if its restarts are used up. RuntimeError once every replica is gone;
+        JobStopped after a fatal shard failure. A replica with work and no result for
+        `shard_timeout_s` is killed and its shards retried elsewhere.
         """
         self.todo = iter(todo)
         while True:
             self._dispatch()
             self._send_due_probes()
+            self._kill_hung(failed)
+            if not self.running and self.planned_all and not self.retries:
+                return  # probes of replicas still restarting (or lost with their node) are moot
             if not self.running and not self.probing and not self.probe_later:
-                if self.planned_all and not self.retries:
-                    return
                 if not self.healthy:
                     raise RuntimeError("every model replica died; rerun the same command to resume")
                 continue
@@ -127,6 +159,8 @@ class Scheduler:
         for replica in sorted(self.healthy, key=lambda r: self.load[r]):
             while self.load[replica] < SHARDS_PER_REPLICA and (work := self._next_for(replica)) is not None:
                 self.running[self.replicas.submit(replica, work.shard, work.attempt)] = work
+                if self.load[replica] == 0:
+                    self.progress[replica] = time.monotonic()
                 self.load[replica] += 1
 
     def _next_for(self, replica: int) -> _Work | None:
@@ -145,10 +179,44 @@ class Scheduler:
             self.probe_later.remove((due, replica))
             self.probing[self.replicas.probe(replica)] = replica
 
+    @property
+    def shard_timeout_s(self) -> float:
+        """The --shard-timeout given, else SHARD_TIMEOUT_FACTOR times the slowest shard seen (floored)."""
+        if self.fixed_timeout_s is not None:
+            return self.fixed_timeout_s
+        if not self.largest_shard:
+            return SHARD_TIMEOUT_INITIAL_S
+        return max(SHARD_TIMEOUT_FLOOR_S, SHARD_TIMEOUT_FACTOR * self.seconds_per_image * self.largest_shard)
+
+    def describe_timeout(self) -> str:
+        """The shard timeout in force, and where it came from, in a few words for the summary."""
+        if self.fixed_timeout_s is not None:
+            return f"{self.fixed_timeout_s:.0f} s (--shard-timeout)"
+        if not self.largest_shard:
+            return f"{SHARD_TIMEOUT_INITIAL_S:.0f} s (initial: no shard finished yet)"
+        return (
+            f"{self.shard_timeout_s:.0f} s (auto: {SHARD_TIMEOUT_FACTOR:.0f} x {self.seconds_per_image:.2f} s/image"
+            f" x {self.largest_shard} images, at least {SHARD_TIMEOUT_FLOOR_S:.0f} s)"
+        )
+
     def _timeout(self) -> float:
-        if not self.probe_later:
-            return self.wait_s
-        return min(self.wait_s, max(0.0, min(due for due, _ in self.probe_later) - time.monotonic()))
+        now = time.monotonic()
+        due = [when for when, _ in self.probe_later]
+        due += [self.progress[r] + self.shard_timeout_s for r in range(len(self.load)) if self.load[r]]
+        return min(self.wait_s, max(0.0, min(due, default=now + self.wait_s) - now))
+
+    def _kill_hung(self, failed: Callable[[Shard, int, str], None]) -> None:
+        now, limit = time.monotonic(), self.shard_timeout_s
+        for replica in [r for r in range(len(self.load)) if self.load[r] and now - self.progress[r] > limit]:
+            self.hung += 1
+            self.replicas.kill(replica)
+            self.healthy.discard(replica)
+            self.probing[self.replicas.probe(replica)] = replica
+            cause = f"no result from its replica within the shard timeout ({limit:.0f}s); the replica was restarted"
+            for handle, work in [(h, w) for h, w in self.running.items() if w.replica == replica]:
+                del self.running[handle]
+                self.load[replica] -= 1
+                self._retry_or_fail(work, cause, failed)
 
     def _probed(self, handle: Hashable) -> None:
         replica = self.probing.pop(handle)
@@ -163,15 +231,25 @@ class Scheduler:
     ) -> None:
         work = self.running.pop(handle)
         self.load[work.replica] -= 1
+        self.progress[work.replica] = time.monotonic()
         try:
             stats = self.replicas.shard_result(handle)
         except ShardError as exc:
+            if exc.fatal:
+                failed(work.shard, work.attempt, exc.cause)
+                raise JobStopped(exc.cause, hung=self.hung) from None
             if exc.replica_died and work.replica in self.healthy:
                 self.healthy.discard(work.replica)
                 self.probing[self.replicas.probe(work.replica)] = work.replica
-            if work.attempt <= self.max_shard_retries:
-                self.retries.append(replace(work, attempt=work.attempt + 1))
-            else:
-                failed(work.shard, work.attempt, exc.cause)
+            self._retry_or_fail(work, exc.cause, failed)
             return
+        if stats.rows:
+            self.seconds_per_image = max(self.seconds_per_image, stats.seconds / stats.rows)
+            self.largest_shard = max(self.largest_shard, stats.rows)
         done(stats)
+
+    def _retry_or_fail(self, work: _Work, cause: str, failed: Callable[[Shard, int, str], None]) -> None:
+        if work.attempt <= self.max_shard_retries:
+            self.retries.append(replace(work, attempt=work.attempt + 1))
+        else:
+            failed(work.shard, work.attempt, cause)

@@ -13,7 +13,7 @@ from loupe.jobs.lease import Lease, LeaseHeld, LeaseLost, LeaseRecord
 from loupe.schemas.layout import LEASE_FILE
 from loupe.workers.s3 import S3Storage
 from loupe.workers.storage import LocalStorage, join_uri
-from tests.s3faults import DROP_REPLY, RESET_GET, SLOWDOWN, Fault, FaultyS3
+from loupe.jobs.bench.faulty_s3 import DROP_REPLY, RESET_GET, SLOWDOWN, Fault, FaultyS3
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -131,3 +131,18 @@ def test_the_lease_holds_through_a_misbehaving_s3(s3_endpoint, s3_bucket):
     print(f"\nfaults met by the lease: {dict(sorted(faulty.counts.items()))}")
     assert faulty.counts[DROP_REPLY] >= 3 and faulty.counts[RESET_GET] >= 2
     assert not S3Storage(endpoint_url=s3_endpoint).exists(join_uri(out, LEASE_FILE))
+
+
+def test_a_lease_whose_holder_died_on_this_host_is_taken_over_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    storage, out = LocalStorage(), str(tmp_path / "out")
+    # A driver that took the lease and was killed: its record stays, renewed a moment ago.
+    code = (
+        "import os, sys; from loupe.jobs.lease import Lease; from loupe.workers.storage import LocalStorage;"
+        " Lease.acquire(LocalStorage(), sys.argv[1]); os._exit(0)"
+    )
+    subprocess.run([sys.executable, "-c", code, out], check=True, timeout=60)
+    with Lease.acquire(storage, out, expiry_s=600) as lease:
+        assert lease.taken_from is not None and lease.taken_from.pid != lease.record.pid

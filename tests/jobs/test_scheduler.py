@@ -3,10 +3,20 @@
 import itertools
 import subprocess
 import sys
+import time
 
 import pytest
-
-from loupe.jobs.scheduler import SHARDS_PER_REPLICA, WAIT_S, Probe, Scheduler, ShardError
+from loupe.jobs.scheduler import (
+    SHARD_TIMEOUT_FACTOR,
+    SHARD_TIMEOUT_FLOOR_S,
+    SHARD_TIMEOUT_INITIAL_S,
+    SHARDS_PER_REPLICA,
+    WAIT_S,
+    JobStopped,
+    Probe,
+    Scheduler,
+    ShardError,
+)
 from loupe.schemas.plan import Shard, ShardKind
 from loupe.schemas.records import ShardStats
 
@@ -165,3 +175,74 @@ def test_every_replica_dead_is_an_error():
 def test_no_ray_inside():
     check = "import sys, loupe.jobs.scheduler; sys.exit('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check]).returncode == 0
+
+
+class HangingReplicas(FakeReplicas):
+    """Fakes whose `outcome` may be "hang": that call never finishes until its replica is killed."""
+
+    def __init__(self, count, outcome):
+        super().__init__(count, outcome)
+        self.killed = []
+
+    def kill(self, replica):
+        self.killed.append(replica)
+        self.dead.add(replica)
+
+    def wait(self, handles, timeout):
+        assert 0 <= timeout <= WAIT_S
+        for handle in sorted(handles):
+            call = self.calls[handle]
+            if call[0] == "probe" or self.outcome(call[1], call[2].shard_id, call[3]) != "hang":
+                return handle
+        time.sleep(timeout)  # only hung calls: nothing comes back before the deadline
+        return None
+
+
+def test_a_hung_replica_is_killed_and_its_shards_run_elsewhere():
+    def outcome(replica, shard_id, attempt):
+        return "hang" if shard_id == 2 and attempt == 1 else "ok"
+
+    replicas = HangingReplicas(2, outcome)
+    done, failed = [], []
+    started = time.monotonic()
+    scheduler = Scheduler(replicas, 2, probe_interval_s=0.0, shard_timeout_s=0.3)
+    scheduler.run(iter(_shards(6)), done.append, lambda shard, attempts, cause: failed.append(cause))
+    assert time.monotonic() - started < 5
+    assert sorted(s.shard_id for s in done) == list(range(6)) and not failed
+    assert len(replicas.killed) == 1 and scheduler.hung == 1
+    (retried,) = [s for s in done if s.shard_id == 2]
+    assert retried.attempt == 2 and retried.node_id != f"r{replicas.killed[0]}"
+    assert "--shard-timeout" in scheduler.describe_timeout()
+
+
+def test_the_automatic_shard_timeout_follows_the_slowest_shard_with_a_floor():
+    scheduler = Scheduler(FakeReplicas(1), 0)
+    assert scheduler.shard_timeout_s == SHARD_TIMEOUT_INITIAL_S
+    scheduler.run(iter(_shards(1)), lambda stats: None, lambda *a: None)
+    assert scheduler.shard_timeout_s == SHARD_TIMEOUT_FLOOR_S  # fake shards take 0 s
+    scheduler.seconds_per_image, scheduler.largest_shard = 30.0, 10
+    assert scheduler.shard_timeout_s == SHARD_TIMEOUT_FACTOR * 300 and "auto" in scheduler.describe_timeout()
+
+
+def test_a_fatal_shard_failure_stops_the_job_at_once():
+    class Full(FakeReplicas):
+        def shard_result(self, handle):
+            _, _, shard, _ = self.calls[handle]
+            if shard.shard_id == 1:
+                self.calls.pop(handle)
+                raise ShardError("OUTPUT is full: [Errno 28] No space left on device", fatal=True)
+            return super().shard_result(handle)
+
+    replicas = Full(1)
+    done, failed = [], []
+    with pytest.raises(JobStopped, match="OUTPUT is full") as stopped:
+        Scheduler(replicas, 3).run(iter(_shards(10)), done.append, lambda s, a, c: failed.append(s.shard_id))
+    assert failed == [1] and len(done) <= 1, "no shard after the fatal one was tried"
+    assert stopped.value.hung == 0
+
+
+def test_the_job_ends_while_a_lost_replica_is_still_restarting():
+    replicas = FakeReplicas(2, lambda replica, shard_id, attempt: "die" if (replica, attempt) == (1, 1) else "ok",
+                            probes={1: [Probe.RESTARTING] * 1000})
+    done, failed = _run(replicas, _shards(5))
+    assert sorted(s.shard_id for s in done) == list(range(5)) and not failed

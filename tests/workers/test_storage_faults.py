@@ -18,7 +18,7 @@ from loupe.schemas.plan import Shard, ShardKind
 from loupe.workers.reader import read_shard
 from loupe.workers.s3 import MIN_PART_SIZE, S3Storage
 from loupe.workers.storage import TransientError
-from tests.s3faults import (
+from loupe.jobs.bench.faulty_s3 import (
     DELAY,
     DROP_REPLY,
     INTERNAL_ERROR,

@@ -10,7 +10,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError
 
-from tests.s3faults import (
+from loupe.jobs.bench.faulty_s3 import (
     DELAY,
     DROP_REPLY,
     INTERNAL_ERROR,

@@ -1,4 +1,4 @@
-"""A misbehaving S3 for tests: a loopback proxy in front of a real S3 server that injects faults by a seeded schedule."""
+"""A misbehaving S3 for tests and `loupe bench chaos`: a loopback proxy in front of a real S3 server that injects faults by a seeded schedule."""
 
 from __future__ import annotations
 
