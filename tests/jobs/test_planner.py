@@ -3,7 +3,6 @@
 from dataclasses import dataclass
 
 import pytest
-
 from loupe.jobs.planner import PlanSummary, kind_of, plan_shards, read_plan, write_plan
 from loupe.schemas.plan import ShardKind
 
@@ -71,3 +70,36 @@ def test_record_names_ignore_leftover_temp_files():
 
     assert shard_id_from_path("s3://b/out/_stats/shard-00042.json") == 42
     assert shard_id_from_path("/out/_stats/.shard-00002.json.fdcdfbf0545a.tmp") is None
+
+
+def test_next_generation_numbers_shards_after_the_existing_ones():
+    listing = [Obj("n/a.jpg"), Obj("n/b.tar"), Obj("n/c.jpg"), Obj("n/d.jpg")]
+    shards = list(plan_shards(listing, shard_size=2, first_shard=7))
+    assert [(s.shard_id, s.kind, s.uris) for s in shards] == [
+        (7, ShardKind.TAR, ("n/b.tar",)),
+        (8, ShardKind.FILES, ("n/a.jpg", "n/c.jpg")),
+        (9, ShardKind.FILES, ("n/d.jpg",)),
+    ]
+
+
+def test_plan_file_keeps_sizes_and_etags_and_old_plans_still_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from loupe.jobs.planner import plan_objects
+
+    @dataclass
+    class S3Obj:
+        uri: str
+        size: int
+        etag: str
+
+    path = tmp_path / "_plan.parquet"
+    listing = [S3Obj("s3://b/x.jpg", 5, '"abc"'), S3Obj("s3://b/y.jpg", 6, "")]
+    write_plan(plan_objects(listing, 10), str(path))
+    table = pq.read_table(path)
+    assert table.column("size").to_pylist() == [5, 6] and table.column("etag").to_pylist() == ['"abc"', ""]
+    assert [s.uris for s in read_plan(str(path))] == [("s3://b/x.jpg", "s3://b/y.jpg")]
+
+    old = tmp_path / "old.parquet"  # written before sizes were kept: three columns
+    pq.write_table(pa.table({"shard_id": pa.array([0], pa.int32()), "kind": ["files"], "uri": ["/a.jpg"]}), old)
+    assert [s.uris for s in read_plan(str(old))] == [("/a.jpg",)]
