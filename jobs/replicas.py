@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import math
 import os
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from loupe.jobs.gpus import GpuPlan
 from loupe.jobs.scheduler import SHARDS_PER_REPLICA, Probe, ShardError
 from loupe.schemas.config import JobConfig
 from loupe.schemas.errors import UserError, one_line
 from loupe.schemas.plan import Shard
 from loupe.schemas.records import ShardStats
+from loupe.workers.faults import ENV as FAULTS_ENV
+from loupe.workers.models.devices import device_lost  # no torch at import
 from loupe.workers.models.stages import Moderating
 
 # Ray restarts a replica whose process died this many times before giving up on it.
@@ -21,6 +26,8 @@ REPLICA_MAX_RESTARTS = 3
 # Loading a model may download it first; a replica not up after this long will not come up
 # (typically: more replicas than the cluster has GPUs for, left pending by Ray).
 REPLICA_START_TIMEOUT_S = 3600.0
+# OSErrors writing OUTPUT that every shard would meet alike: the job stops at the first.
+OUTPUT_UNWRITABLE = {errno.ENOSPC: "OUTPUT is full", errno.EDQUOT: "OUTPUT's quota is used up", errno.EROFS: "OUTPUT is read-only"}
 
 # `ray` is imported where it is used, never here: importing it writes to os.environ.
 
@@ -49,11 +56,18 @@ def connect_ray(
         settings["num_cpus"] = num_cpus
     if num_gpus is not None:
         settings["num_gpus"] = num_gpus
+    # Ray warns on every start that it enabled token authentication (the secure default it
+    # chose itself): noise on every `loupe run`, so that one logger is hushed for the call.
+    banner = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = banner.level
+    banner.setLevel(logging.ERROR)
     try:
         ray.init(**settings)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = "the local machine" if own_cluster else address or os.environ.get("RAY_ADDRESS") or "the local machine"
         raise UserError(f"could not reach a Ray cluster at {where}: {one_line(exc)}") from None
+    finally:
+        banner.setLevel(level)
     return True
 
 
@@ -66,10 +80,18 @@ class ReplicaResources:
     threads: int | None  # torch threads of a CPU replica; None on a GPU
     options: dict[str, Any]  # Ray actor options of a model replica
     judge_options: dict[str, Any]  # of a separate moderation replica (--moderation-model)
+    # A replica's share of its GPU when below one: the cap its allocator keeps under (see _setup).
+    memory_fraction: float | None = None
+    judge_memory_fraction: float | None = None
+    sizing: str = ""  # what was chosen and why, in words
 
 
-def replica_resources(config: JobConfig) -> ReplicaResources:
-    """One replica per GPU share, or config.replicas on CPUs splitting the cluster's CPUs between them."""
+def replica_resources(config: JobConfig, plan: GpuPlan | None = None) -> ReplicaResources:
+    """One replica per GPU share, or config.replicas on CPUs splitting the cluster's CPUs between them.
+
+    `plan` is the GPUs per replica jobs.gpus worked out and checked; without it, the flag's
+    (or one GPU).
+    """
     import ray
 
     separate_judge = config.moderates and config.moderation_model is not None
@@ -83,14 +105,24 @@ def replica_resources(config: JobConfig) -> ReplicaResources:
         "max_concurrency": SHARDS_PER_REPLICA,
     }
     if gpus > 0:
-        judge_gpus = config.moderation_gpus or config.gpus_per_replica
-        per_pair = config.gpus_per_replica + (judge_gpus if separate_judge else 0)
+        share = plan.gpus if plan is not None else config.gpus_per_replica or 1.0
+        judge_gpus = config.moderation_gpus or share
+        per_pair = share + (judge_gpus if separate_judge else 0)
+        # Several CPUs beside each GPU replica (Ray sets OMP_NUM_THREADS to an actor's CPUs, and the
+        # image processors run torch operators): by default the node's CPUs split by its GPU shares.
+        node = max((n["Resources"] for n in ray.nodes() if n["Alive"]), key=lambda r: r.get("GPU", 0.0))
+        pair_cpus = max(1, math.floor(node.get("CPU", 1.0) * min(1.0, per_pair / node["GPU"])))
+        cpus = config.cpus_per_replica or max(1, pair_cpus - (pair_cpus // 2 if separate_judge else 0))
+        judge_cpus = config.cpus_per_replica or max(1, pair_cpus // 2)
         return ReplicaResources(
             count=config.replicas or max(1, math.floor(gpus / per_pair)),
             device="cuda",
-            threads=None,
-            options={"num_gpus": config.gpus_per_replica, "num_cpus": 1, **common},
-            judge_options={"num_gpus": judge_gpus, "num_cpus": 1, **common},
+            threads=cpus,
+            options={"num_gpus": share, "num_cpus": cpus, **common},
+            judge_options={"num_gpus": judge_gpus, "num_cpus": judge_cpus, **common},
+            memory_fraction=share if share < 1 else None,
+            judge_memory_fraction=judge_gpus if judge_gpus < 1 else None,
+            sizing=plan.reason if plan is not None else f"{share:g} GPU(s) per replica",
         )
     count = config.replicas or 1
     actors = count * (2 if separate_judge else 1)
@@ -107,63 +139,140 @@ def replica_resources(config: JobConfig) -> ReplicaResources:
     )
 
 
+def size_replicas(config: JobConfig) -> ReplicaResources:
+    """The job's replicas on the connected cluster, every size checked before anything is started or waits.
+
+    A GPU count Ray would reject or no node has, a model that fits no node, or --quantize where
+    it cannot run is one UserError line.
+    """
+    import ray
+    from loupe.jobs.gpus import read_checkpoint, size_replica_gpus
+    from loupe.workers.models.devices import check_quantize
+
+    plan = size_replica_gpus(config, ray.nodes(), read_checkpoint)
+    check_quantize(config.quantize, gpu=plan is not None)
+    return replica_resources(config, plan)
+
+
 # -- the actor shells ------------------------------------------------------------------------
 
 
-def _setup(threads: int | None) -> None:
+def _setup(threads: int | None, memory_fraction: float | None = None) -> list[int] | None:
+    """Torch threads and GPU memory cap of this actor; the GPUs Ray gave it, as torch indexes them (None on a CPU)."""
+    import ray
     import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     if threads:
         torch.set_num_threads(threads)
+    # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPUs, so torch numbers exactly those from 0.
+    gpus = list(range(len(ray.get_gpu_ids()))) or None
+    if memory_fraction is not None and gpus and torch.cuda.is_available():
+        # Two replicas sharing a GPU: each allocator keeps its peak, so each is capped at its share.
+        for gpu in gpus:
+            torch.cuda.set_per_process_memory_fraction(memory_fraction, gpu)
+    return gpus
 
 
 class RemoteModerator(Moderating):
-    """Hands a batch's decoded images to a separate moderation replica (no torch in this process)."""
+    """Hands a batch's decoded images to a separate moderation replica (no torch in this process).
 
-    def __init__(self, actor: Any) -> None:
+    The images are sent when the batch is prepared and the scores collected after its caption,
+    so the judge's GPU works while this replica's generates.
+    """
+
+    def __init__(self, actor: Any, decode_side: int | None = None) -> None:
         self.actor = actor
+        # The judge's: images are decoded no smaller than its processor needs (None: in full).
+        self.decode_side = decode_side
 
-    def prepare(self, images: list) -> list:
-        return images
+    def prepare(self, images: list) -> Any:
+        return self.actor.score.remote(images)
 
-    def score(self, images: list) -> list[dict[str, float]]:
+    def score(self, pending: Any) -> list[dict[str, float]]:
         import ray
 
-        return ray.get(self.actor.score.remote(images))
+        return ray.get(pending)
 
 
 class Replica:
-    """A thin Ray actor shell around the plain-Python ShardProcessor."""
+    """A thin Ray actor shell around the plain-Python ShardProcessor.
 
-    def __init__(self, config: JobConfig, device: str, threads: int | None, judge: Any = None) -> None:
+    A torch.AcceleratorError (illegal address, device-side assert, hardware fault) leaves the CUDA
+    context unusable: the process exits, Ray restarts it, and the shard is retried elsewhere.
+    """
+
+    def __init__(
+        self,
+        config: JobConfig,
+        device: str,
+        threads: int | None,
+        judge: Any = None,
+        memory_fraction: float | None = None,
+        stages: Any = None,
+    ) -> None:
         import ray
-
         from loupe.workers.pipeline import ShardProcessor
 
-        _setup(threads)
+        gpus = _setup(threads, memory_fraction)
         self.node_id = ray.get_runtime_context().get_node_id()
-        moderator = RemoteModerator(judge) if judge is not None else None
-        self.processor = ShardProcessor(config, device=device, moderator=moderator)
+        self.gpu_ids = [str(gpu) for gpu in ray.get_gpu_ids()]
+        moderator = None
+        if judge is not None:
+            moderator = RemoteModerator(judge, ray.get(judge.decode_side.remote(), timeout=REPLICA_START_TIMEOUT_S))
+        # `stages` (tests) stands for ShardProcessor where loading a model would need CUDA.
+        self.processor = (stages or ShardProcessor)(config, device=device, gpus=gpus, moderator=moderator)
 
     def ready(self) -> str:
         return self.node_id
 
-    def process(self, shard: Shard, attempt: int) -> ShardStats:
-        return self.processor.process(shard, attempt=attempt, node_id=self.node_id)
+    def placement(self) -> dict[str, Any]:
+        """Where this replica runs: node, process and the GPU ids Ray gave it."""
+        return {"node_id": self.node_id, "pid": os.getpid(), "gpu_ids": self.gpu_ids}
+
+    def process(
+        self, shard: Shard, attempt: int, redo: frozenset[str] | None = None, counter: Any = None
+    ) -> ShardStats:
+        # Fire and forget: the model never waits on the driver's progress bar.
+        progress = (lambda n: counter.add.remote(shard.shard_id, n)) if counter is not None else None
+        try:
+            return self.processor.process(shard, attempt=attempt, node_id=self.node_id, redo=redo, progress=progress)
+        except Exception as exc:
+            if device_lost(exc):
+                _exit_for_restart(exc)
+            raise
+
+
+class ProgressCounter:
+    """Images the replicas finished per shard since the driver last asked (a tiny Ray actor)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+
+    def add(self, shard_id: int, images: int) -> None:
+        self.counts[shard_id] = self.counts.get(shard_id, 0) + images
+
+    def take(self) -> dict[int, int]:
+        counts, self.counts = self.counts, {}
+        return counts
 
 
 class ModerationReplica:
     """A thin Ray actor shell around a Moderator loaded from --moderation-model."""
 
-    def __init__(self, config: JobConfig, device: str, threads: int | None) -> None:
+    def __init__(self, config: JobConfig, device: str, threads: int | None, memory_fraction: float | None = None) -> None:
         from loupe.workers.models.moderator import Moderator
         from loupe.workers.torch_thread import on_torch_thread
 
-        _setup(threads)
+        gpus = _setup(threads, memory_fraction)
         # Both of its concurrent calls run the model on one thread (see torch_thread).
-        self.moderator = on_torch_thread(Moderator, config.judge, config.taxonomy, device=device)
+        self.moderator = on_torch_thread(
+            Moderator, config.judge, config.taxonomy, device=device, gpus=gpus, quantize=config.quantize
+        )
+
+    def decode_side(self) -> int | None:
+        return self.moderator.decode_side
 
     def ready(self) -> str:
         import ray
@@ -173,7 +282,12 @@ class ModerationReplica:
     def score(self, images: list) -> list[dict[str, float]]:
         from loupe.workers.torch_thread import on_torch_thread
 
-        return on_torch_thread(self.moderator, images)
+        try:
+            return on_torch_thread(self.moderator, images)
+        except Exception as exc:
+            if device_lost(exc):
+                _exit_for_restart(exc)
+            raise
 
 
 # -- the replicas the scheduler drives -------------------------------------------------------
@@ -182,16 +296,43 @@ class ModerationReplica:
 class RayReplicas:
     """Replica actors on the cluster (and their moderation replicas), as the scheduler's Replicas."""
 
-    def __init__(self, config: JobConfig, resources: ReplicaResources) -> None:
+    def __init__(
+        self,
+        config: JobConfig,
+        resources: ReplicaResources,
+        redo: dict[int, frozenset[str]] | None = None,
+        stages: Any = None,
+    ) -> None:
+        """`stages` (tests): a picklable stand-in for ShardProcessor, built in each replica's process."""
         import ray
 
+        self.redo = redo or {}  # shard id -> the image ids `--retry-errors` processes again
         self.judges: list[Any] = []
+        self.actors: list[Any] = []
+        # No CPU reserved: it only adds numbers, and must never keep a replica from starting.
+        self.counter = ray.remote(ProgressCounter).options(num_cpus=0).remote()
+        if os.environ.get(FAULTS_ENV):
+            # A fault plan (tests, chaos runs) reaches the replicas however the cluster was started.
+            env = {"env_vars": {FAULTS_ENV: os.environ[FAULTS_ENV]}}
+            resources = replace(
+                resources, options={**resources.options, "runtime_env": env}, judge_options={**resources.judge_options, "runtime_env": env}
+            )
         if config.moderates and config.moderation_model is not None:
             judge = ray.remote(ModerationReplica).options(**resources.judge_options)
-            self.judges = [judge.remote(config, resources.device, resources.threads) for _ in range(resources.count)]
+            self.judges = [
+                judge.remote(config, resources.device, resources.threads, resources.judge_memory_fraction)
+                for _ in range(resources.count)
+            ]
         replica = ray.remote(Replica).options(**resources.options)
         self.actors = [
-            replica.remote(config, resources.device, resources.threads, self.judges[i] if self.judges else None)
+            replica.remote(
+                config,
+                resources.device,
+                resources.threads,
+                self.judges[i] if self.judges else None,
+                resources.memory_fraction,
+                stages,
+            )
             for i in range(resources.count)
         ]
         try:
@@ -210,7 +351,16 @@ class RayReplicas:
         return len(self.actors)
 
     def submit(self, replica: int, shard: Shard, attempt: int) -> Hashable:
-        return self.actors[replica].process.remote(shard, attempt)
+        return self.actors[replica].process.remote(shard, attempt, self.redo.get(shard.shard_id), self.counter)
+
+    def take_progress(self, timeout: float) -> dict[int, int]:
+        """Images done per shard since the last call; {} if the counter does not answer within `timeout` s."""
+        import ray
+
+        try:
+            return ray.get(self.counter.take.remote(), timeout=timeout)
+        except ray.exceptions.RayError:
+            return {}
 
     def probe(self, replica: int) -> Hashable:
         return self.actors[replica].ready.remote()
@@ -227,6 +377,9 @@ class RayReplicas:
         try:
             return ray.get(handle)
         except ray.exceptions.RayError as exc:
+            unwritable = _unwritable(exc)
+            if unwritable:
+                raise ShardError(unwritable, fatal=True) from None
             raise ShardError(_cause(exc), replica_died=isinstance(exc, ray.exceptions.RayActorError)) from None
 
     def probe_result(self, handle: Hashable) -> Probe:
@@ -240,21 +393,44 @@ class RayReplicas:
             return Probe.GONE  # Ray gave up restarting it
         return Probe.UP
 
+    def kill(self, replica: int) -> None:
+        import ray
+
+        ray.kill(self.actors[replica], no_restart=False)
+
     def shutdown(self) -> None:
         import ray
 
-        for actor in [*self.actors, *self.judges]:
+        for actor in [*self.actors, *self.judges, self.counter]:
             ray.kill(actor)
 
 
 @contextmanager
-def start_replicas(config: JobConfig) -> Iterator[RayReplicas]:
-    """The job's replicas, started on the connected cluster and killed when the block ends."""
-    replicas = RayReplicas(config, replica_resources(config))
+def start_replicas(
+    config: JobConfig, redo: dict[int, frozenset[str]] | None = None, resources: ReplicaResources | None = None
+) -> Iterator[RayReplicas]:
+    """The job's replicas (sized by `resources`, default replica_resources), started on the connected cluster and killed when the block ends."""
+    replicas = RayReplicas(config, resources or replica_resources(config), redo)
     try:
         yield replicas
     finally:
         replicas.shutdown()
+
+
+def _unwritable(exc: BaseException) -> str | None:
+    """The one-line cause when a shard failed because OUTPUT is full or read-only, else None."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, OSError) and cause.errno in OUTPUT_UNWRITABLE:
+        return f"{OUTPUT_UNWRITABLE[cause.errno]}: {one_line(cause)}"
+    return None
+
+
+def _exit_for_restart(exc: BaseException) -> None:
+    """End this actor's process so Ray starts a fresh one: its CUDA context cannot be used again."""
+    import sys
+
+    print(f"loupe: the GPU context is lost, restarting the replica: {one_line(exc)}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def _cause(exc: BaseException) -> str:

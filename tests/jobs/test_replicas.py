@@ -47,20 +47,24 @@ def test_cpu_replicas_share_the_cluster(cluster, settings, count, cpus, threads)
 
 
 @pytest.mark.parametrize(
-    ("settings", "count", "gpus", "judge_gpus"),
+    ("settings", "count", "gpus", "judge_gpus", "threads"),
     [
-        ({}, 4, 1.0, 1.0),
-        ({"gpus_per_replica": 0.5}, 8, 0.5, 0.5),
-        ({"replicas": 2}, 2, 1.0, 1.0),
-        ({"moderation_model": "judge", "moderation_gpus": 0.5}, 2, 1.0, 0.5),  # 4 GPUs / 1.5 per pair
+        ({}, 4, 1.0, 1.0, 4),  # a node's 16 CPUs split by GPU share: 4 beside each GPU
+        ({"gpus_per_replica": 0.5}, 8, 0.5, 0.5, 2),
+        ({"replicas": 2}, 2, 1.0, 1.0, 4),
+        ({"moderation_model": "judge", "moderation_gpus": 0.5}, 2, 1.0, 0.5, 3),  # 4 GPUs / 1.5 per pair
     ],
 )
-def test_gpu_replicas_one_per_share(cluster, settings, count, gpus, judge_gpus):
+def test_gpu_replicas_one_per_share(cluster, settings, count, gpus, judge_gpus, threads):
     cluster({"CPU": 16.0, "GPU": 4.0})
     sized = replica_resources(_config(**settings))
-    assert (sized.count, sized.device, sized.threads) == (count, "cuda", None)
+    assert (sized.count, sized.device, sized.threads) == (count, "cuda", threads)
     assert (sized.options["num_gpus"], sized.judge_options["num_gpus"]) == (gpus, judge_gpus)
-    assert sized.options["num_cpus"] == 1
+    # GPU replicas get CPUs beside them (image preprocessing), as many as their torch threads,
+    # and never more than the node holds.
+    assert sized.options["num_cpus"] == threads
+    actors = count * (2 if "moderation_model" in settings else 1)
+    assert actors * max(sized.options["num_cpus"], sized.judge_options["num_cpus"]) <= 16
 
 
 def test_connected_process_is_left_as_it_is(ray_cluster):

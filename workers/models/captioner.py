@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import copy
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from loupe.schemas.config import DEFAULT_PROMPT
 from loupe.workers.decode import needed_side
+from loupe.workers.models.devices import (
+    input_device,
+    pin_in_dtype,
+    prompt_tokens,
+    quantization_config,
+    spread_device_map,
+)
 from loupe.workers.models.loading import (
     LOAD_ERRORS,
     load_error,
@@ -37,7 +45,11 @@ class Captioner(Captioning):
         min_new_tokens: int = 0,
         device: str | None = None,
         dtype: str | None = None,
+        gpus: Sequence[int] | None = None,
+        batch_size: int = 8,
+        quantize: str | None = None,
     ):
+        """`gpus` (torch's numbers) where the model is spread over several, each keeping room for a batch of `batch_size`."""
         from transformers import AutoModelForImageTextToText
 
         self.model_id = model
@@ -47,13 +59,28 @@ class Captioner(Captioning):
 
         config = vlm_config(model)
         self.processor = vlm_processor(model)
+        device_map: Any = self.device
+        if gpus is not None and len(gpus) > 1 and self.device.type == "cuda":
+            device_map = spread_device_map(
+                config, gpus, self.dtype, batch_size=batch_size, prompt_tokens=prompt_tokens(prompt),
+                max_new_tokens=max_new_tokens, quantize=quantize,
+            )
         try:
             self.model = AutoModelForImageTextToText.from_pretrained(
-                model, config=config, dtype=self.dtype, attn_implementation="sdpa", device_map=self.device
+                model,
+                config=config,
+                dtype=self.dtype,
+                attn_implementation="sdpa",
+                device_map=device_map,
+                quantization_config=quantization_config(quantize, self.device),
             )
         except LOAD_ERRORS as exc:
             raise load_error(model, exc) from exc
         self.model.eval()
+        # Spread over GPUs, the inputs go where the embeddings are; accelerate's hooks move each
+        # layer's inputs to its own GPU from there.
+        self.device = input_device(self.model) if self.device.type == "cuda" else self.device
+        self.devices = sorted({str(d) for d in getattr(self.model, "hf_device_map", {}).values()}) or [str(self.device)]
         self.decode_side = needed_side(self.processor.image_processor)
 
         tokenizer = self.processor.tokenizer
@@ -82,6 +109,9 @@ class Captioner(Captioning):
             pad_token_id=tokenizer.pad_token_id,
             # The cache comes back with the tokens, for a moderator that reads the image prefix from it.
             return_dict_in_generate=True,
+            # A checkpoint asking for a static cache would otherwise compile generate on the first
+            # batch and again for every new shape: minutes, and memory the batch plan never counted.
+            disable_compile=True,
         )
 
     def _conversation(self, image: Image.Image) -> list[dict]:
@@ -101,10 +131,7 @@ class Captioner(Captioning):
                 processor_kwargs={"padding": True},
             )
         if self.device.type == "cuda":
-            # Page-locked here, off the generating thread, so generate()'s copy is asynchronous.
-            for key, value in list(inputs.items()):
-                if isinstance(value, torch.Tensor):
-                    inputs[key] = value.pin_memory()
+            pin_in_dtype(inputs, self.dtype)
         return inputs
 
     def image_tokens(self, sizes: list[tuple[int, int]]) -> list[int] | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +50,18 @@ def resolve_device(device: str | None = None) -> torch.device:
 
 
 def resolve_dtype(
-    device: torch.device, dtype: str | None = None, *, default_cuda: torch.dtype = torch.bfloat16
+    device: torch.device, dtype: str | None = None, *, default_cuda: torch.dtype | None = None
 ) -> torch.dtype:
-    """The dtype `dtype` names (bf16, float16, fp32, ...); None: `default_cuda` on a GPU, float32 elsewhere."""
+    """The dtype `dtype` names (bf16, float16, fp32, ...); None: `default_cuda` on a GPU, float32 elsewhere.
+
+    `default_cuda` None: bfloat16 where the GPU computes it natively, float16 elsewhere (T4, V100).
+    """
     if dtype is None:
-        return default_cuda if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        from loupe.workers.models.devices import native_half
+
+        return default_cuda or native_half(device)
     if dtype not in _DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of: {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
@@ -69,10 +78,49 @@ def load_error(model: str, exc: BaseException) -> UserError:
     )
 
 
+def locate(model: str) -> None:
+    """Fail at once, in one line, where loading `model` could only wait and fail: a path that
+    does not exist, or a hub id that is not cached while the hub cannot be reached (probed once,
+    in seconds, instead of through the hub client's minute of retries)."""
+    if Path(model).expanduser().exists():
+        return
+    first = model.split("/", 1)[0]
+    if model.startswith(("/", ".", "~")) or model.endswith("/") or model.count("/") > 1 or (
+        "/" in model and Path(first).is_dir()
+    ):
+        raise UserError(f"model {model!r} not found: no such local folder")
+    if _in_hub_cache(model) or _hub_offline():
+        return  # offline, transformers reads the cache alone and fails fast if it is not there
+    if not hub_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co")):
+        raise UserError(
+            f"model {model!r} is neither a local folder nor in the Hugging Face cache, and the hub cannot be reached"
+        )
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+@functools.cache
+def hub_reachable(endpoint: str, timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub at `endpoint` answers at all (any HTTP status) within `timeout_s`; asked once per process."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _config(model: str, path: str | None = None) -> Any:
     """The checkpoint's config read from `path` (default `model`); load errors name `model`."""
     from transformers import AutoConfig
 
+    locate(path or model)
     try:
         return AutoConfig.from_pretrained(path or model)
     except LOAD_ERRORS as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ from loupe.schemas.errors import UserError
 from loupe.schemas.taxonomy import ANSWERS, QUESTION, Taxonomy
 from loupe.workers.decode import needed_side
 from loupe.workers.models.captioner import Captioner
+from loupe.workers.models.devices import pin_in_dtype
 from loupe.workers.models.loading import resolve_device, resolve_dtype
 from loupe.workers.models.stages import Captioning, Encoded, Moderating
 
@@ -74,6 +76,8 @@ class Moderator(Moderating):
         device: str | None = None,
         dtype: str | None = None,
         share: Captioner | None = None,
+        gpus: Sequence[int] | None = None,
+        quantize: str | None = None,
     ):
         if not taxonomy.categories:
             raise UserError("the moderation taxonomy has no categories")
@@ -87,7 +91,11 @@ class Moderator(Moderating):
             and (dtype is None or resolve_dtype(share.device, dtype) == share.dtype)
             and (device is None or resolve_device(device).type == share.device.type)
         )
-        loaded = share if reusable else Captioner(model, device=device, dtype=dtype, max_new_tokens=1)
+        loaded = (
+            share
+            if reusable
+            else Captioner(model, device=device, dtype=dtype, max_new_tokens=1, gpus=gpus, quantize=quantize)
+        )
         self.model = loaded.model
         self.processor = loaded.processor
         self.device = loaded.device
@@ -194,10 +202,7 @@ class Moderator(Moderating):
                 add_special_tokens=self._add_special_tokens,
             )
         if self.device.type == "cuda":
-            # Page-locked here, off the model's thread, so score()'s copy is asynchronous.
-            for key, value in list(inputs.items()):
-                if isinstance(value, torch.Tensor):
-                    inputs[key] = value.pin_memory()
+            pin_in_dtype(inputs, self.dtype)
         return inputs
 
     def _on_device(self, inputs: BatchFeature) -> dict:
@@ -221,7 +226,8 @@ class Moderator(Moderating):
             "attention_mask": self._as_mask(self._attention_mask(padding)),
         }
         # The LM head runs at the answer positions only: (images, categories, vocab).
-        logits = self.model(**inputs, logits_to_keep=width + self._answer_at.to(self.device)).logits
+        # No KV cache: one forward, nothing reads its keys and values again.
+        logits = self.model(**inputs, logits_to_keep=width + self._answer_at.to(self.device), use_cache=False).logits
         return self._to_scores(logits)
 
     @torch.inference_mode()
@@ -293,7 +299,7 @@ class Moderator(Moderating):
                 ids = torch.tensor([self.shared_ids + suffix], device=self.device)
                 ids = torch.cat([prefix["input_ids"], ids], -1)
                 inputs = prefix | {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-                answers.append(self.model(**inputs, logits_to_keep=1).logits[0, -1])
+                answers.append(self.model(**inputs, logits_to_keep=1, use_cache=False).logits[0, -1])
             results += self._to_scores(torch.stack(answers)[None])
         return results
 

@@ -5,194 +5,65 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from loupe.schemas.errors import UserError
-from loupe.workers.models.random_tokenizers import CHAT_TEMPLATES, TOKENIZERS, train_tokenizer
+from loupe.workers.models.random_shapes import (
+    CLIP_FAMILY,
+    CLIP_SHAPES,
+    FAMILIES,
+    FULL_SIZE,
+    GPU_SIZES,
+    SIZES,
+    ModelShape,
+    model_shape,
+)
+from loupe.workers.models.random_tokenizers import (
+    CHAT_TEMPLATES,
+    TOKENIZERS,
+    train_tokenizer,
+)
+
+__all__ = ["CLIP_FAMILY", "FAMILIES", "FULL_SIZE", "GPU_SIZES", "SIZES", "build_random_clip", "build_random_model", "meta_model", "model_shape", "parameter_count", "random_model_config"]
 
 T = TypeVar("T")
 
-FAMILIES = ("llava", "llava-next", "llava-onevision")
-CLIP_FAMILY = "clip"
-
-
-@dataclass(frozen=True)
-class VisionShape:
-    """Shape of a vision tower: CLIP for llava, llava-next and CLIP itself, SigLIP for llava-onevision."""
-
-    hidden: int
-    layers: int
-    heads: int
-    intermediate: int
-    image_size: int
-    patch_size: int = 14
-
-    def config(self) -> dict[str, Any]:
-        """The vision config's fields of this shape."""
-        return dict(
-            hidden_size=self.hidden,
-            intermediate_size=self.intermediate,
-            num_hidden_layers=self.layers,
-            num_attention_heads=self.heads,
-            image_size=self.image_size,
-            patch_size=self.patch_size,
-        )
-
-
-@dataclass(frozen=True)
-class TextShape:
-    """Shape of a text model; vocab_size None means exactly the trained tokenizer's size."""
-
-    hidden: int
-    layers: int
-    heads: int
-    intermediate: int
-    kv_heads: int | None = None  # grouped-query attention; None for CLIP's text tower, which has none
-    vocab_size: int | None = None
-
-    def config(self, tokenizer: Any, max_positions: int) -> dict[str, Any]:
-        """The text config's fields of this shape, with the tokenizer's vocabulary and special ids."""
-        fields = dict(
-            vocab_size=max(len(tokenizer), self.vocab_size or 0),
-            hidden_size=self.hidden,
-            intermediate_size=self.intermediate,
-            num_hidden_layers=self.layers,
-            num_attention_heads=self.heads,
-            max_position_embeddings=max_positions,
-            # CLIP's text tower pools at the first EOS, so the ids must be the tokenizer's own.
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        if self.kv_heads is not None:
-            fields["num_key_value_heads"] = self.kv_heads
-        return fields
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """One row of the size table: both towers, the anyres grid, and the dtype of the saved weights."""
-
-    vision: VisionShape
-    text: TextShape
-    # Tiles per side of the anyres grid (llava-next and llava-onevision), in base image sizes.
-    max_tiles: int
-    # OneVision pools tiled features once they exceed this many base images ("anyres_max_N").
-    # Real checkpoints use 9 on a 6x6 grid; kept below the grid's capacity here as well so that
-    # the pooling path, and the processor's matching token arithmetic, really run.
-    onevision_max_patches: int
-    dtype: str = "float32"
-
-
-@dataclass(frozen=True)
-class ClipShape:
-    """Both CLIP towers and the shared embedding size they project to."""
-
-    vision: VisionShape
-    text: TextShape
-    projection_dim: int
-
-
-# 2x2 patches per tile keep image token counts tiny.
-_TINY_VISION = VisionShape(hidden=32, layers=2, heads=2, intermediate=64, image_size=28)
-
-_SHAPES: dict[str, ModelShape] = {
-    # For tests: a 3x3 tile grid gives each aspect ratio its own token count, so batches need
-    # real padding.
-    "tiny": ModelShape(
-        vision=_TINY_VISION,
-        text=TextShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128),
-        max_tiles=3,
-        onevision_max_patches=4,
-    ),
-    # For CPU benchmarks: large enough that the model, not I/O, dominates the time per image, and
-    # with a 7B-on-a-GPU balance of work: there, one image's prefill (576 image tokens) costs about
-    # 1/20 of decoding 64 tokens one image at a time, since a GPU computes some 300 times faster
-    # than it reads memory; a CPU only some 10 times, so the prompt is shorter to keep that
-    # balance (224-pixel input in 28-pixel patches: 64 image tokens; docs/benchmarks.md).
-    "small": ModelShape(
-        vision=VisionShape(hidden=384, layers=4, heads=6, intermediate=1536, image_size=224, patch_size=28),
-        text=TextShape(hidden=512, layers=4, heads=8, kv_heads=8, intermediate=1376),
-        max_tiles=2,
-        onevision_max_patches=2,
-    ),
-}
-
-# Full size: each family's public 7B checkpoint, layer for layer, in bfloat16 (about 14-16 GB).
-# Never built on the CPU: the weights are created on a GPU (see build_random_model).
-FULL_SIZE = "7b"
-_CLIP_L_336 = VisionShape(hidden=1024, layers=24, heads=16, intermediate=4096, image_size=336)
-# llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14-336 and Llama-2-7B, two-layer GELU projector.
-_LLAVA_7B = ModelShape(
-    vision=_CLIP_L_336,
-    text=TextShape(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab_size=32064),
-    max_tiles=3,
-    onevision_max_patches=9,
-    dtype="bfloat16",
-)
-_FULL_SHAPES: dict[str, ModelShape] = {
-    "llava": _LLAVA_7B,
-    # llava-hf/llava-v1.6-mistral-7b-hf: the same tower, Mistral-7B (grouped-query attention),
-    # and LLaVA-NeXT's five anyres grids up to 3 tiles of 336 px.
-    "llava-next": replace(
-        _LLAVA_7B,
-        text=TextShape(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab_size=32064),
-    ),
-    # llava-hf/llava-onevision-qwen2-7b-ov-hf: SigLIP so400m/14-384 (26 layers, no head), Qwen2-7B,
-    # a 6x6 anyres grid pooled beyond 9 base images ("anyres_max_9").
-    "llava-onevision": ModelShape(
-        vision=VisionShape(hidden=1152, layers=26, heads=16, intermediate=4304, image_size=384),
-        text=TextShape(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab_size=152128),
-        max_tiles=6,
-        onevision_max_patches=9,
-        dtype="bfloat16",
-    ),
-}
-SIZES = (*_SHAPES, FULL_SIZE)
-
-_CLIP_SHAPES: dict[str, ClipShape] = {
-    "tiny": ClipShape(
-        vision=_TINY_VISION, text=TextShape(hidden=32, layers=2, heads=2, intermediate=64), projection_dim=48
-    ),
-    # The embedding size of the real openai/clip-vit-base-patch32, so index and Parquet sizes
-    # in benchmarks are realistic.
-    "small": ClipShape(
-        vision=VisionShape(hidden=384, layers=4, heads=6, intermediate=1536, image_size=224, patch_size=32),
-        text=TextShape(hidden=384, layers=4, heads=6, intermediate=1536),
-        projection_dim=512,
-    ),
-}
-
-
-def model_shape(family: str, size: str) -> ModelShape:
-    """The shape table's row for `family` at `size`; UserError for an unknown family or size."""
-    if family not in FAMILIES:
-        raise UserError(
-            f"unknown model family {family!r}; choose one of: {', '.join((*FAMILIES, CLIP_FAMILY))}"
-        )
-    if size == FULL_SIZE:
-        return _FULL_SHAPES[family]
-    if size not in _SHAPES:
-        raise UserError(f"unknown model size {size!r}; choose one of: {', '.join(SIZES)}")
-    return _SHAPES[size]
-
-
 def random_model_config(family: str, size: str):
-    """The transformers config that build_random_model writes for `family` and `size` (no weights)."""
-    return _build_config(family, model_shape(family, size), train_tokenizer(TOKENIZERS[family]))
+    """The transformers config that build_random_model writes for `family` and `size` (no weights).
+
+    GPU sizes set their vocabulary size, so their shape is known without training the tokenizer;
+    their special token ids then differ from a built checkpoint's, their shape does not.
+    """
+    shape = model_shape(family, size)
+    tokenizer = _ShapeOnlyVocab() if size in GPU_SIZES else train_tokenizer(TOKENIZERS[family])
+    return _build_config(family, shape, tokenizer)
+
+
+def meta_model(family: str, size: str):
+    """The random checkpoint's model of `family` and `size` on the meta device: every shape, no memory."""
+    import torch
+
+    from loupe.workers.models.devices import meta_model as empty_model
+
+    return empty_model(random_model_config(family, size), getattr(torch, model_shape(family, size).dtype))
 
 
 def parameter_count(family: str, size: str) -> int:
     """Parameters of the random checkpoint of `family` and `size`, counted on the meta device (no memory)."""
-    import torch
-    from transformers import AutoModelForImageTextToText
+    return sum(p.numel() for p in meta_model(family, size).parameters())
 
-    config = random_model_config(family, size)
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+
+class _ShapeOnlyVocab:
+    """Stands for a tokenizer where only the config's shape matters: no tokens, fixed special ids."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+    def __len__(self) -> int:
+        return 0
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return {"<image>": 3, "<video>": 4}[token]
 
 
 def build_random_model(
@@ -205,9 +76,9 @@ def build_random_model(
     AutoModelForImageTextToText like any checkpoint from the hub ("clip": build_random_clip).
     The same arguments always produce the same files.
 
-    tiny and small are built on the CPU. The 7b size is created directly on a CUDA GPU in
-    bfloat16 (`device`, default the current GPU) and refused without one: its float32 copy
-    alone would be 28 GB of host memory.
+    tiny and small are built on the CPU. The GPU sizes (7b, and the 13b/34b/72b of one family
+    each) are created directly on a CUDA GPU in bfloat16 (`device`, default the current GPU) and
+    refused without one: the 7B's float32 copy alone would be 28 GB of host memory.
     """
     if family == CLIP_FAMILY:
         return build_random_clip(dest, size, seed)
@@ -215,7 +86,7 @@ def build_random_model(
     from transformers import AutoModelForImageTextToText
 
     shape = model_shape(family, size)
-    target = _full_size_device(family, shape, device) if size == FULL_SIZE else None
+    target = _full_size_device(family, size, shape, device) if size in GPU_SIZES else None
     tokenizer = train_tokenizer(TOKENIZERS[family])
     processor = _build_processor(family, shape, tokenizer)
     config = _build_config(family, shape, tokenizer)
@@ -235,11 +106,11 @@ def build_random_clip(dest: str | Path, size: str = "tiny", seed: int = 0) -> Pa
     They load with CLIPModel / CLIPProcessor.from_pretrained like openai/clip-vit-base-patch32;
     the same arguments always produce the same files.
     """
-    if size not in _CLIP_SHAPES:
-        raise UserError(f"unknown model size {size!r}; choose one of: {', '.join(_CLIP_SHAPES)}")
+    if size not in CLIP_SHAPES:
+        raise UserError(f"unknown model size {size!r}; choose one of: {', '.join(CLIP_SHAPES)}")
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    shape = _CLIP_SHAPES[size]
+    shape = CLIP_SHAPES[size]
     spec = TOKENIZERS[CLIP_FAMILY]
     tokenizer = train_tokenizer(spec)
     config = CLIPConfig(
@@ -257,25 +128,24 @@ def build_random_clip(dest: str | Path, size: str = "tiny", seed: int = 0) -> Pa
     return Path(dest)
 
 
-def _full_size_device(family: str, shape: ModelShape, device: str | None):
-    """The CUDA GPU the 7B checkpoint is created on, with room for it; UserError where there is none."""
+def _full_size_device(family: str, size: str, shape: ModelShape, device: str | None):
+    """The CUDA GPU a GPU-size checkpoint is created on, with room for it; UserError where there is none."""
     import torch
-
     from loupe.workers.models.loading import resolve_device
 
-    gigabytes = parameter_count(family, FULL_SIZE) * getattr(torch, shape.dtype).itemsize / 1e9
+    gigabytes = parameter_count(family, size) * getattr(torch, shape.dtype).itemsize / 1e9
     if not torch.cuda.is_available():
         raise UserError(
-            f"the {FULL_SIZE} checkpoint is built on a CUDA GPU (about {gigabytes:.0f} GB in {shape.dtype}) "
+            f"the {size} checkpoint is built on a CUDA GPU (about {gigabytes:.0f} GB in {shape.dtype}) "
             "and none is available here; use a GPU machine, or --size small on a CPU"
         )
     target = resolve_device(device)
     if target.type != "cuda":
-        raise UserError(f"the {FULL_SIZE} checkpoint is built on a CUDA GPU, not on {device!r}")
+        raise UserError(f"the {size} checkpoint is built on a CUDA GPU, not on {device!r}")
     free, _ = torch.cuda.mem_get_info(target)
     if free < gigabytes * 1.1e9:
         raise UserError(
-            f"the {FULL_SIZE} checkpoint needs about {gigabytes * 1.1:.0f} GB free on {target}, "
+            f"the {size} checkpoint needs about {gigabytes * 1.1:.0f} GB free on {target}, "
             f"{free / 1e9:.0f} GB are free"
         )
     return target

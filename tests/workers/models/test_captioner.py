@@ -178,3 +178,37 @@ def test_image_tokens_match_the_processor(captioner, images, family):
     assert model.image_tokens([image.size for image in images]) == counted
     if family in PADDED_FAMILIES:
         assert len(set(counted)) > 1  # the sizes really give different lengths
+
+
+def test_spread_over_the_gpus_it_is_handed(tiny_llava, monkeypatch):
+    """Over two (simulated) GPUs the model is loaded with a device map over exactly those two, each
+    keeping room for a batch; the load itself is stubbed to the CPU, where CUDA would be needed."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda gpu: SimpleNamespace(total_memory=80 * 10**9))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    loads = []
+    load = AutoModelForImageTextToText.from_pretrained
+
+    def stubbed(model, **kwargs):
+        loads.append(kwargs)
+        return load(model, **{**kwargs, "device_map": "cpu", "dtype": torch.float32})
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", stubbed)
+    captioner = Captioner(tiny_llava, device="cuda:2", gpus=[2, 3], batch_size=4, max_new_tokens=4)
+    device_map = loads[0]["device_map"]
+    assert set(device_map.values()) == {2, 3}  # both GPUs, nothing on the CPU or disk
+    assert loads[0]["dtype"] == torch.bfloat16 and loads[0]["quantization_config"] is None
+    assert captioner.generation_config.disable_compile is True
+    # Prepared for a GPU: page-locked, pixels in the model's dtype rather than float32.
+    from PIL import Image
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    captioner.device = torch.device("cuda", 2)
+    inputs = captioner.prepare([Image.new("RGB", (40, 30))])
+    assert inputs["pixel_values"].dtype == torch.bfloat16 and inputs["input_ids"].dtype == torch.long

@@ -33,10 +33,15 @@ def test_an_unknown_or_absent_device_is_a_one_line_user_error(device):
     assert repr(device) in str(raised.value) and "\n" not in str(raised.value)
 
 
-def test_dtypes_by_name_and_per_device_defaults():
+def test_dtypes_by_name_and_per_device_defaults(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert resolve_dtype(cpu) == torch.float32
+    # bfloat16 where the GPU computes it natively (Ampere, compute capability 8, and later) ...
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert resolve_dtype(cuda) == torch.bfloat16
+    # ... float16 on a T4 (7.5) or V100 (7.0), where bfloat16 is emulated.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert resolve_dtype(cuda) == torch.float16
     assert resolve_dtype(cuda, default_cuda=torch.float16) == torch.float16
     assert resolve_dtype(cpu, "bf16") == resolve_dtype(cuda, "bfloat16") == torch.bfloat16
     assert resolve_dtype(cuda, "fp32") == torch.float32 and resolve_dtype(cpu, "double") == torch.float64

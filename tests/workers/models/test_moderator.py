@@ -207,3 +207,21 @@ def test_a_missing_model_is_a_user_error(tmp_path):
     with pytest.raises(UserError) as raised:
         Moderator(str(tmp_path / "missing"), DEFAULT_TAXONOMY, device="cpu")
     assert "\n" not in str(raised.value)
+
+
+def test_forwards_build_no_kv_cache(moderator, images, monkeypatch):
+    """Nothing reads a scoring forward's keys and values again: no cache of every layer is built."""
+    model = moderator("llava")
+    seen = []
+    language = model.model.model.language_model
+    forward = language.forward
+
+    def recording(*args, **kwargs):
+        output = forward(*args, **kwargs)
+        seen.append((kwargs.get("use_cache"), output.past_key_values))
+        return output
+
+    monkeypatch.setattr(language, "forward", recording)
+    model(images[:2])
+    model.score_independent(images[:1])
+    assert seen and all(use_cache is False and cache is None for use_cache, cache in seen)

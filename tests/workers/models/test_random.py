@@ -138,3 +138,34 @@ def test_parameter_count_matches_the_built_checkpoint(tiny_checkpoints):
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoints["llava-next"])
     assert parameter_count("llava-next", "tiny") == sum(p.numel() for p in model.parameters())
+
+
+# The public checkpoints the big shapes copy, as their Hugging Face model cards round them (0.1B):
+# llava-hf/llava-1.5-13b-hf 13.4B, llava-hf/llava-v1.6-34b-hf 34.8B (its bf16 shards total 69.5 GB),
+# llava-hf/llava-onevision-qwen2-72b-ov-hf 73.2B. The exact counts are not known offline, so the
+# tolerance is the rounding: the count must round to the published figure.
+BIG_PARAMETERS = {("llava", "13b"): 13.4, ("llava-next", "34b"): 34.8, ("llava-onevision", "72b"): 73.2}
+
+
+@pytest.mark.parametrize(("family", "size"), list(BIG_PARAMETERS))
+def test_big_shapes_are_the_public_checkpoints_on_the_meta_device(family, size):
+    from loupe.workers.models.random import meta_model
+
+    model = meta_model(family, size)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    count = sum(p.numel() for p in model.parameters())
+    assert round(count / 1e9, 1) == BIG_PARAMETERS[(family, size)]
+    text = model.config.get_text_config()
+    if size == "34b":  # Yi-34B: grouped-query attention, 64k vocabulary
+        assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads, text.vocab_size) == (7168, 60, 8, 64064)
+
+
+def test_big_sizes_belong_to_one_family_and_are_never_built_on_the_cpu(tmp_path):
+    import torch
+
+    with pytest.raises(UserError, match="the 34b size is llava-next's only"):
+        build_random_model(tmp_path / "model", "llava", "34b")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="GPU"):
+            build_random_model(tmp_path / "model", "llava", "13b")
+    assert not (tmp_path / "model").exists()
