@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from loupe.jobs.match import KNOWN_CONTENT, catalog_codes, read_catalog, read_matches
+from loupe.jobs.match import catalog_codes, read_catalog, read_matches
 from loupe.schemas.errors import UserError
 from loupe.schemas.layout import DUPLICATES_FILE, PROPAGATED_FILE
+from loupe.workers.hashing import KNOWN_CONTENT
 from loupe.workers.index.hamming import CODE_BITS, MAX_DISTANCE, Method, self_pairs
 from loupe.workers.index.library import faiss
 from loupe.workers.index.threads import use_cpu_share
@@ -142,6 +143,14 @@ def representatives(storage: Storage, output: str) -> dict[str, str]:
     if table is None:
         return {}
     return dict(zip(table["image_id"].to_pylist(), table["representative"].to_pylist()))
+
+
+def group_sizes(representative_of: dict[str, str]) -> dict[str, int]:
+    """representative -> the size of its group, from representatives()'s map."""
+    sizes: dict[str, int] = {}
+    for representative in representative_of.values():
+        sizes[representative] = sizes.get(representative, 0) + 1
+    return sizes
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -15,6 +14,7 @@ import pyarrow.parquet as pq
 from loupe.jobs.output import read_manifest
 from loupe.schemas.errors import DamagedOutput, UserError
 from loupe.schemas.layout import MATCHES_FILE
+from loupe.workers.hashing import read_hash_list
 from loupe.workers.index.hamming import (
     CODE_BITS,
     MAX_DISTANCE,
@@ -27,11 +27,6 @@ from loupe.workers.index.threads import use_cpu_share
 from loupe.workers.storage import MissingLocation, Storage, join_uri, open_storage
 from loupe.workers.writer import encode_part
 
-# The flag a row gets when it matches a known-content list, kept apart from the model's categories.
-KNOWN_CONTENT = "known_content"
-# Header words a list may start with (a CSV export's column names).
-_HEADER_WORDS = {"hash", "pdq"}
-
 MATCH_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
@@ -42,55 +37,6 @@ MATCH_SCHEMA = pa.schema(
         pa.field("distance", pa.int16(), nullable=False),
     ]
 )
-
-
-@dataclass(frozen=True)
-class HashList:
-    """Known PDQ hashes (lowercase hex) and their labels (None where the list gives none), in file order."""
-
-    hashes: list[str]
-    labels: list[str | None]
-
-    def codes(self) -> np.ndarray:
-        return codes_from_hex(self.hashes)
-
-
-def parse_hash_list(text: str, source: str = "the hash list") -> HashList:
-    """A list of known hashes: one per line, or `hash,label` CSV; blank lines, `#` comments and a
-    `hash,label` header allowed; any other line refused with its number."""
-    hashes: list[str] = []
-    labels: list[str | None] = []
-    for number, line in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        fields = [f.strip() for f in next(csv.reader([stripped]))]
-        if not hashes and fields[0].lower() in _HEADER_WORDS:
-            continue
-        value = fields[0].lower()
-        if len(fields) > 2 or not _is_hash(value):
-            raise UserError(
-                f"{source}, line {number}: expected a PDQ hash (64 hex characters), optionally "
-                f"followed by ,label; got {stripped[:80]!r}"
-            )
-        hashes.append(value)
-        labels.append(fields[1] if len(fields) == 2 and fields[1] else None)
-    if not hashes:
-        raise UserError(f"{source} holds no hashes")
-    return HashList(hashes, labels)
-
-
-def read_hash_list(uri: str, endpoint_url: str | None = None) -> HashList:
-    """The hash list at a local path or s3:// URI."""
-    try:
-        data = open_storage(uri, endpoint_url).read_bytes(uri)
-    except (FileNotFoundError, MissingLocation):
-        raise UserError(f"no hash list at {uri}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{uri} is not a UTF-8 text file of hashes") from None
-    return parse_hash_list(text, uri)
 
 
 def read_catalog(storage: Storage, output: str, columns: Sequence[str], optional: Sequence[str] = ()) -> pa.Table:
@@ -209,6 +155,3 @@ def read_matches(storage: Storage, output: str) -> pa.Table | None:
     except (FileNotFoundError, MissingLocation):
         return None
 
-
-def _is_hash(value: str) -> bool:
-    return len(value) == CODE_BITS // 4 and all(c in "0123456789abcdef" for c in value)

@@ -35,6 +35,16 @@ _BASE_FIELDS = [
 ]
 
 
+# The hash task's columns: null on error rows and without the task; matched_labels and
+# known_content are null unless the job matched a list (--match-list).
+_HASH_FIELDS = [
+    pa.field("pdq", pa.string()),  # the 256-bit PDQ hash, 64 lowercase hex characters
+    pa.field("pdq_quality", pa.int16()),  # 0-100; below 50 the hash is kept but never matched
+    pa.field("matched_labels", pa.list_(pa.string())),  # the distinct labels of the list entries matched
+    pa.field("known_content", pa.bool_()),  # kept apart from the model's flagged_categories
+]
+
+
 def moderation_type(taxonomy: Taxonomy) -> pa.StructType:
     """One float per category, so SQL reads `moderation.violence_gore`."""
     return pa.struct([pa.field(key, pa.float32()) for key in taxonomy.keys])
@@ -64,6 +74,7 @@ def output_schema(
             pa.field("taxonomy_sha256", pa.string()),
             pa.field("image_embedding", embedding_type(image_dim)),
             pa.field("caption_embedding", embedding_type(text_dim)),
+            *_HASH_FIELDS,
         ],
         metadata={"loupe.schema_version": "3"},
     )

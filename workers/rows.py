@@ -13,6 +13,7 @@ from loupe.schemas.codes import ErrorCode
 from loupe.schemas.config import JobConfig
 from loupe.schemas.plan import Shard
 from loupe.schemas.rows import RowStatus
+from loupe.workers.hashing import PdqHash
 from loupe.workers.reader import Sample
 
 
@@ -25,6 +26,8 @@ class Item:
     image: Image.Image | None = None
     size: tuple[int, int] | None = None  # the full image's (width, height), whatever scale it was decoded at
     error: tuple[ErrorCode, str] | None = None
+    pdq: PdqHash | None = None  # the hash task's, computed on the decode pool
+    matched_labels: list[str] | None = None  # None: no list matched (see KnownContent.match)
 
 
 @dataclass
@@ -48,6 +51,7 @@ class ShardRows:
     error_codes: dict[str, int]
     rows_flagged: int
     flagged: dict[str, int]  # per category key, only those with flagged images
+    rows_known_content: int = 0
 
 
 class RowBuilder:
@@ -70,6 +74,7 @@ class RowBuilder:
             error_codes=dict(sorted(codes.items())),
             rows_flagged=sum(bool(row.get("flagged")) for _, row in ok_rows),
             flagged={key: flagged[key] for key in self.config.taxonomy.keys if flagged[key]},
+            rows_known_content=sum(bool(row.get("known_content")) for _, row in ok_rows),
         )
 
     def _base_row(self, shard: Shard, item: Item) -> dict[str, Any]:
@@ -96,6 +101,10 @@ class RowBuilder:
             "image_embedding": result.image_embedding,
             "caption_embedding": result.caption_embedding,
         }
+        if item.pdq is not None:
+            row |= {"pdq": item.pdq.hash, "pdq_quality": item.pdq.quality}
+        if item.matched_labels is not None:
+            row |= {"matched_labels": item.matched_labels, "known_content": bool(item.matched_labels)}
         if result.scores is not None:
             over = [c.key for c in self.config.taxonomy.categories if result.scores[c.key] >= c.threshold]
             row |= {

@@ -7,7 +7,6 @@ from dataclasses import asdict
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from loupe.jobs.dedup import (
     DUPLICATE_SCHEMA,
     Inherited,
@@ -15,10 +14,12 @@ from loupe.jobs.dedup import (
     propagate,
     representatives,
 )
-from loupe.jobs.match import KNOWN_CONTENT, match_catalog
-from loupe.schemas.layout import DUPLICATES_FILE, PROPAGATED_FILE
+from loupe.jobs.match import match_catalog
 from loupe.schemas.errors import UserError
+from loupe.schemas.layout import DUPLICATES_FILE, PROPAGATED_FILE
+from loupe.workers.hashing import KNOWN_CONTENT
 from loupe.workers.storage import LocalStorage
+
 from tests.photos import EDITS, PHOTOS, SURVIVED, catalog_rows, hashed, write_catalog
 
 

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
+from loupe.jobs.match import MATCH_SCHEMA, match_catalog
+from loupe.schemas.errors import UserError
+from loupe.schemas.layout import MATCHES_FILE
+from loupe.workers.hashing import parse_hash_list, pdq
 from PIL import ImageEnhance
 
-from loupe.jobs.match import MATCH_SCHEMA, match_catalog, parse_hash_list
-from loupe.schemas.layout import MATCHES_FILE
-from loupe.schemas.errors import UserError
-from loupe.workers.hashing import pdq
-from tests.photos import LOW_QUALITY_PHOTO, PHOTOS, SURVIVED, catalog_rows, distance, hashed, photo, write_catalog
+from tests.photos import (
+    LOW_QUALITY_PHOTO,
+    PHOTOS,
+    SURVIVED,
+    catalog_rows,
+    distance,
+    hashed,
+    photo,
+    write_catalog,
+)
 
 UNRELATED = "5a" * 32
 

@@ -18,9 +18,19 @@ import pdqhash
 import pytest
 from PIL import Image
 
-from loupe.workers.hashing import DIHEDRAL, pdq, pdq_dihedral
+from loupe.workers.hashing import DIHEDRAL, PdqHash, pdq, pdq_dihedral
 from loupe.workers.index.hamming import MAX_DISTANCE, MIN_QUALITY
-from tests.photos import DIHEDRAL_EDITS, LOW_QUALITY_PHOTO, NOT_SURVIVED, PHOTOS, SURVIVED, distance, edited, photo
+from tests.photos import (
+    DIHEDRAL_EDITS,
+    LOW_QUALITY_PHOTO,
+    NOT_SURVIVED,
+    PHOTOS,
+    SURVIVED,
+    distance,
+    edited,
+    hashed,
+    photo,
+)
 
 
 def test_hash_is_64_hex_characters_and_a_quality():
@@ -90,3 +100,25 @@ def test_featureless_images_get_a_low_quality():
     assert pdq(Image.new("RGB", (300, 200), (90, 120, 200))).quality < MIN_QUALITY
     tiny = pdq(Image.new("RGB", (4, 4), (255, 0, 0)))
     assert tiny == ("0" * 64, 0)
+
+
+def test_known_content_labels_each_hash_once_and_never_a_low_quality_one():
+    from loupe.workers.hashing import KNOWN_CONTENT, HashList, KnownContent
+
+    original = hashed("astronaut", "original")
+    near = hashed("astronaut", "brightness")
+    known = KnownContent(HashList([original.hash, near.hash, "5a" * 32], ["list-a", None, "other"]))
+    low = PdqHash(original.hash, 10)
+    found = known.match([original, hashed("coffee", "original"), None, low])
+    assert found == [sorted(["list-a", KNOWN_CONTENT]), [], None, []]
+    assert KnownContent(HashList([original.hash], [None]), max_distance=0).match([near]) == [[]]
+
+
+def test_a_read_list_carries_the_sha256_of_its_bytes(tmp_path):
+    import hashlib
+
+    from loupe.workers.hashing import read_hash_list
+
+    data = ("5a" * 32 + ",x\n").encode()
+    (tmp_path / "l.csv").write_bytes(data)
+    assert read_hash_list(str(tmp_path / "l.csv")).sha256 == hashlib.sha256(data).hexdigest()

@@ -31,3 +31,27 @@ def test_every_method_finds_the_same_pairs():
     pairs = {t["pairs"] for t in result["methods"].values()}
     assert len(pairs) == 1 and pairs.pop() > 0  # about half the planted copies are within 31 bits
     assert "multihash" in format_table(None, result)
+
+
+def test_the_brute_force_on_part_of_the_list_is_checked_and_scaled_up():
+    result = time_match(3000, 60, brute_force_list=15)
+    numpy = result["methods"][BRUTE_FORCE]
+    assert numpy["extrapolated_from"] == 15 and numpy["seconds"] == pytest.approx(4 * numpy["measured_seconds"], abs=2e-3)
+    assert numpy["pairs"] <= result["methods"]["flat"]["pairs"]
+    assert "scaled linearly" in format_table(None, result)
+
+
+def test_bench_pdq_command(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from loupe.jobs.cli import app
+
+    result = CliRunner().invoke(app, [
+        "bench", "pdq", "--images", "2", "--catalog", "2000", "--list", "40", "--brute-force-list", "10",
+        "--workdir", str(tmp_path), "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["pdq"]["images"] == 2 and set(report["match"]["methods"]) == {*METHODS, BRUTE_FORCE}
