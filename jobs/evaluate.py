@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from loupe.jobs.output import find_manifest, read_job
 from loupe.schemas.errors import UserError
-from loupe.schemas.layout import MANIFEST_FILE
+from loupe.schemas.records import JobRecord
 from loupe.workers.storage import Storage, join_uri, open_storage
 
 
@@ -36,7 +36,8 @@ class Evaluation:
     """The per-category reports and how the label file matched the job's rows."""
 
     matched: int
-    unmatched: int  # label rows whose image_id the job has no scored row for
+    unmatched: int  # label rows whose key the job has no scored row for
+    key: str = "image_id"  # the CSV column the labels are keyed by
     categories: list[CategoryReport] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -44,17 +45,24 @@ class Evaluation:
 
 
 def evaluate(output: str, labels_csv: str, endpoint_url: str | None = None) -> Evaluation:
-    """Join OUTPUT's scored rows with a CSV of labels (image_id, then one 0/1 column per category)."""
+    """Join OUTPUT's scored rows with a CSV of labels: a key column (image_id, source_uri or
+    file_name), then one 0/1 column per category; no match at all is a UserError with a hint."""
     storage = open_storage(output, endpoint_url)
     job = read_job(storage, output)
     taxonomy = job.settings.get("taxonomy")
     if not taxonomy:
         raise UserError(f"the job at {output} did not run the moderate task")
     thresholds = {c["key"]: c["threshold"] for c in taxonomy}
-    labels = _read_labels(labels_csv, thresholds)
-    scores = _read_scores(storage, output)
+    key_column, labels = _read_labels(labels_csv, thresholds)
+    scores = _read_scores(storage, output, job, key_column, labels.keys())
 
     matched = [image_id for image_id in labels if image_id in scores]
+    if not matched:
+        example = next(iter(labels), "")
+        raise UserError(
+            f"none of the {len(labels)} labelled images is in the job at {output} (first {key_column}: {example!r}); "
+            f"key the labels by image_id, source_uri or file name as `loupe search --json` shows them"
+        )
     reports = []
     for key, threshold in thresholds.items():
         pairs = [(scores[i][key], labels[i][key]) for i in matched if labels[i].get(key) is not None]
@@ -67,10 +75,14 @@ def evaluate(output: str, labels_csv: str, endpoint_url: str | None = None) -> E
         reports.append(
             CategoryReport(key, len(pairs), int(truth.sum()), threshold, precision, recall, f1, best_threshold, best_f1)
         )
-    return Evaluation(matched=len(matched), unmatched=len(labels) - len(matched), categories=reports)
+    return Evaluation(matched=len(matched), unmatched=len(labels) - len(matched), key=key_column, categories=reports)
 
 
-def _read_labels(path: str, thresholds: dict[str, float]) -> dict[str, dict[str, int | None]]:
+# The columns a label file may key its rows by: one of them, exactly.
+KEY_COLUMNS = ("image_id", "source_uri", "file_name")
+
+
+def _read_labels(path: str, thresholds: dict[str, float]) -> tuple[str, dict[str, dict[str, int | None]]]:
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             text = handle.read()
@@ -78,34 +90,57 @@ def _read_labels(path: str, thresholds: dict[str, float]) -> dict[str, dict[str,
         raise UserError(f"cannot read labels file {path}: {exc.strerror or exc}") from None
     reader = csv.DictReader(io.StringIO(text))
     columns = reader.fieldnames or []
-    if "image_id" not in columns:
-        raise UserError(f"{path} has no image_id column (columns: {', '.join(columns) or 'none'})")
-    unknown = [c for c in columns if c != "image_id" and c not in thresholds]
+    keys = [c for c in columns if c in KEY_COLUMNS]
+    if len(keys) != 1:
+        found = f"it has {' and '.join(keys)}" if keys else f"columns: {', '.join(columns) or 'none'}"
+        raise UserError(f"{path} needs exactly one key column of {', '.join(KEY_COLUMNS)} ({found})")
+    key = keys[0]
+    unknown = [c for c in columns if c != key and c not in thresholds]
     if unknown:
         raise UserError(f"{path}: unknown category column '{unknown[0]}' (the job's categories: {', '.join(thresholds)})")
     labels: dict[str, dict[str, int | None]] = {}
     for line, row in enumerate(reader, start=2):
         values: dict[str, int | None] = {}
-        for key in (c for c in columns if c != "image_id"):
-            raw = (row.get(key) or "").strip()
+        for category in (c for c in columns if c != key):
+            raw = (row.get(category) or "").strip()
             if raw not in ("", "0", "1"):
-                raise UserError(f"{path}, line {line}: {key} must be 0, 1 or empty, not {raw!r}")
-            values[key] = int(raw) if raw else None
-        labels[row["image_id"]] = values
-    return labels
+                raise UserError(f"{path}, line {line}: {category} must be 0, 1 or empty, not {raw!r}")
+            values[category] = int(raw) if raw else None
+        labels[(row.get(key) or "").strip()] = values
+    return key, labels
 
 
-def _read_scores(storage: Storage, output: str) -> dict[str, dict[str, float]]:
+def _read_scores(
+    storage: Storage, output: str, job: JobRecord, key: str, wanted: Any
+) -> dict[str, dict[str, float]]:
+    """Scores per label key (image_id, source_uri or file name); a labelled file name two images share is refused."""
     manifest = find_manifest(storage, output)
-    if manifest is None:
-        raise UserError(f"the job at {output} has no {MANIFEST_FILE} yet; let it finish (or rerun it) first")
+    if manifest is None or not manifest.complete:
+        from loupe.jobs.status import partial_job
+
+        raise UserError(partial_job(storage, output, job))
     scores: dict[str, dict[str, float]] = {}
+    owners: dict[str, str] = {}  # file name -> the source that has it, to find a second one
     for part in manifest.parts:
         with storage.open_seekable(join_uri(output, part["path"])) as handle:
-            table = pq.read_table(handle, columns=["image_id", "moderation"])
-        for image_id, moderation in zip(table["image_id"].to_pylist(), table["moderation"].to_pylist()):
-            if moderation is not None:
+            table = pq.read_table(handle, columns=["image_id", "source_uri", "moderation"])
+        rows = zip(table["image_id"].to_pylist(), table["source_uri"].to_pylist(), table["moderation"].to_pylist())
+        for image_id, source, moderation in rows:
+            if moderation is None:
+                continue
+            if key == "image_id":
                 scores[image_id] = moderation
+            elif key == "source_uri":
+                scores[source] = moderation
+            else:
+                name = source.rstrip("/").rsplit("/", 1)[-1]
+                if name in owners and name in wanted:
+                    raise UserError(
+                        f"file name {name!r} is ambiguous: {owners[name]} and {source} both have it; "
+                        "key the labels by source_uri or image_id"
+                    )
+                owners[name] = source
+                scores[name] = moderation
     return scores
 
 

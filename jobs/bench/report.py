@@ -6,7 +6,7 @@ import os
 import platform
 from collections import Counter
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +120,7 @@ def build_report(
     }
     memory = [p.memory for p in alone_runs if p.memory is not None]
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": options.command(),
         "arguments": arguments,
         "machine": _machine(device),
@@ -144,8 +144,7 @@ def build_report(
         },
         "end_to_end": e2e_rates
         | {
-            "clock": "first shard start to last shard end (ShardStats started_at/finished_at): "
-            "excludes Ray start-up and model loading",
+            "clock": "first shard start to last shard end: excludes Ray start-up and model loading",
             "job_seconds": round(e2e.job_seconds, 2),
         },
         "model_alone": alone_rates
@@ -174,51 +173,80 @@ def build_report(
     }
 
 
-def format_table(result: dict[str, Any]) -> str:
-    """The result as a readable table."""
+def format_table(result: dict[str, Any], width: int | None = None) -> str:
+    """The result as a report a person reads once: numbered in reading order, wrapped to `width`
+    (default: the terminal's, at most 100 columns), every figure saying what it measures."""
+    import shutil
+    import textwrap
+
+    width = width or min(100, shutil.get_terminal_size((100, 24)).columns)
     m, w, model = result["machine"], result["workload"], result["model"]
+    out: list[str] = []
+
+    def say(text: str, indent: str = "") -> None:
+        out.extend(textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent or "  ", break_on_hyphens=False) or [""])
+
     gpu = f", {m['gpu']}" if m["gpu"] else ", no GPU"
-    lines = [
-        f"loupe bench  {result['date']}  {result['command']}",
-        f"machine: {m['cpus']} CPUs, {m['memory_gb']} GiB{gpu}; torch {m['torch']}, transformers {m['transformers']}",
-        f"model: random {model['family']} ({model['size']}, {model['parameters'] / 1e6:.1f}M parameters, "
-        f"{model['dtype']}) on {model['device']}"
-        + (f", {model['torch_threads']} torch threads" if model["torch_threads"] else ""),
-        f"workload: {w['images']} JPEGs ({len(w['image_sizes'])} sizes, {w['mean_jpeg_kb']} KB mean), "
-        f"{w['prompt_tokens_mean']} prompt tokens and {w['new_tokens']} new tokens per image, "
-        f"batch {w['batch_size']}, {w['shards']} shards of {w['shard_size']}, tasks {','.join(result['arguments']['tasks'])}",
-        "",
-        f"{'':<34}{'images/s':>10}{'tokens/s':>10}{'images':>8}{'seconds':>9}",
-    ]
-    for key, label in (
-        ("end_to_end", "1. end to end (run_job)"),
-        ("model_alone", "2. model alone"),
-        ("naive", "4. naive, one image at a time"),
-    ):
-        row = result[key]
-        lines.append(
-            f"{label:<34}{row['images_per_second']:>10.3f}{row['tokens_per_second']:>10.1f}"
-            f"{row['images']:>8}{row['seconds']:>9.2f}"
+    say(f"loupe bench, {result['date']}: {result['command']}")
+    say(f"machine: {m['cpus']} CPUs, {m['memory_gb']} GiB{gpu}; torch {m['torch']}, transformers {m['transformers']}")
+    threads = f", {model['torch_threads']} torch threads" if model["torch_threads"] else ""
+    say(
+        f"model: random-weight {model['family']} ({model['size']}, {model['parameters'] / 1e6:.1f}M parameters, "
+        f"{model['dtype']}) on {model['device']}{threads}"
+    )
+    say(
+        f"workload: {w['images']} JPEGs ({len(w['image_sizes'])} size{'s' if len(w['image_sizes']) != 1 else ''}, "
+        f"{w['mean_jpeg_kb']} KB mean); per image "
+        f"{w['prompt_tokens_mean']} prompt tokens and {w['new_tokens']} new tokens; batches of {w['batch_size']}, "
+        f"{w['shards']} shards of {w['shard_size']}; tasks {', '.join(result['arguments']['tasks'])}"
+    )
+    out.append("")
+    label_width = max(12, min(30, width - 38))
+    out.append(f"{'':<{label_width}}{'images/s':>10}{'tokens/s':>10}{'images':>8}{'seconds':>9}")
+
+    def row(label: str, key: str) -> None:
+        r = result[key]
+        out.append(
+            f"{label[:label_width]:<{label_width}}{r['images_per_second']:>10.3f}{r['tokens_per_second']:>10.1f}"
+            f"{r['images']:>8}{r['seconds']:>9.2f}"
         )
-    if len(result["repeats"]) > 1:
-        turns = ", ".join(f"{r['efficiency']:.3f}" for r in result["repeats"])
-        lines.append(
-            f"(medians of {len(result['repeats'])} turns of job and model alone; efficiency per turn: {turns}, "
-            "their median reported)"
+
+    row("1. end to end", "end_to_end")
+    row("2. model alone", "model_alone")
+    repeats = result["repeats"]
+    efficiencies = [r["efficiency"] for r in repeats]
+    out.append("")
+    say(f"3. pipeline efficiency, (1) / (2): {result['efficiency']:.3f}")
+    say(
+        "How close the whole job comes to the model alone on the same batches; 1.0 means the reading, decoding, "
+        "preprocessing and writing cost nothing.",
+        "   ",
+    )
+    if len(repeats) > 1:
+        say(
+            f"Median of {len(repeats)} turns ({', '.join(f'{e:.3f}' for e in efficiencies)}); their spread, "
+            f"{max(efficiencies) - min(efficiencies):.3f}, is the noise of this machine, so smaller differences mean nothing.",
+            "   ",
         )
-    lines += [
-        f"3. pipeline efficiency (1)/(2): {result['efficiency']:.3f}",
-        f"   speed-up of (1) over (4): {result['speedup_over_naive']:.2f}x",
-        f"   end to end clock: {result['end_to_end']['clock']} (whole job {result['end_to_end']['job_seconds']} s)",
-        "",
-        "5. where the time goes, ms per image:",
-    ]
+    else:
+        say("One turn only: rerun with --repeats 3 or more to see how much of this is noise.", "   ")
+    out.append("")
+    row("4. naive, one at a time", "naive")
+    say(f"Speed-up of (1) over (4): {result['speedup_over_naive']:.2f}x", "   ")
+    out.append("")
+    say(
+        f"Clocks: (1) runs from the first shard's start to the last shard's end, so it leaves out starting Ray and "
+        f"loading the model (the whole job took {result['end_to_end']['job_seconds']} s); (2) times the model calls "
+        "alone, inputs prepared beforehand; (4) times every step of each image."
+    )
+    out.append("")
+    say("5. where the time goes, ms per image:")
     for stage, seconds in result["seconds_per_image"].items():
         if seconds is not None:
-            lines.append(f"   {stage:<16}{seconds * 1000:>9.2f}   {result['stage_notes'][stage]}")
+            say(f"{stage} {seconds * 1000:.2f}: {result['stage_notes'][stage]}", "   ")
     if result["gpu_memory_peak_bytes"] is not None:
-        lines.append(f"   GPU memory high-water mark (model alone): {result['gpu_memory_peak_bytes'] / 2**30:.2f} GiB")
+        say(f"GPU memory high-water mark (model alone): {result['gpu_memory_peak_bytes'] / 2**30:.2f} GiB", "   ")
     if result["targets"]:
-        lines += ["", "targets:"]
-        lines += [f"   {'met   ' if met else 'MISSED'} {name}" for name, met in result["targets"].items()]
-    return "\n".join(lines)
+        out += ["", "targets:"]
+        out += [f"   {'met   ' if met else 'MISSED'} {name}" for name, met in result["targets"].items()]
+    return "\n".join(out)

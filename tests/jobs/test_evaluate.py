@@ -70,7 +70,9 @@ def test_missing_category_columns_are_allowed(scored_output, tmp_path):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("id,violence_gore\na,1\n", "no image_id column"),
+        ("id,violence_gore\na,1\n", "needs exactly one key column of image_id, source_uri, file_name"),
+        ("image_id,source_uri,violence_gore\na,in/a.jpg,1\n", "it has image_id and source_uri"),
+        ("image_id,violence_gore\nnope,1\n", "none of the 1 labelled images is in the job"),
         ("image_id,violence\na,1\n", "unknown category column 'violence'"),
         ("image_id,violence_gore\na,yes\n", "line 2: violence_gore must be 0, 1 or empty"),
     ],
@@ -103,3 +105,59 @@ def test_taxonomy_command_round_trips(tmp_path):
     path = tmp_path / "policy.toml"
     path.write_text(result.stdout)
     assert load_taxonomy(path) == DEFAULT_TAXONOMY
+
+
+@pytest.mark.parametrize(("key", "value"), [("source_uri", "in/{}.jpg"), ("file_name", "{}.jpg")])
+def test_labels_keyed_by_source_uri_or_file_name(scored_output, tmp_path, key, value):
+    rows = "".join(f"{value.format(i)},{label}\n" for i, label in [("a", 1), ("b", 1), ("c", 0), ("e", 0)])
+    report = evaluate(str(scored_output), _labels(tmp_path, f"{key},violence_gore\n{rows}"))
+    assert (report.matched, report.key) == (4, key)
+    assert report.categories[0].support == 2
+
+
+def test_an_ambiguous_file_name_is_refused(tmp_path):
+    out = tmp_path / "out"
+    config = JobConfig(input="in", output=str(out), model="m", taxonomy=TAXONOMY)
+    storage = LocalStorage()
+    rows = [
+        {"image_id": f"id{n}", "source_uri": f"in/{folder}/cat.jpg", "shard_id": 0, "status": "ok", "model": "m",
+         "prompt": "p", "moderation": {"violence_gore": 0.5, "self_harm": 0.1}}
+        for n, folder in enumerate(["x", "y"])
+    ]
+    part = write_part(storage, str(out), 0, rows, output_schema(TAXONOMY))
+    job = JobRecord(settings=config.plan_settings(), listing_sha256="x", objects=2, shards=1, created_at="now")
+    storage.write_bytes(str(out / JOB_FILE), job.to_json())
+    manifest = Manifest(True, 1, 2, 0, [{"path": part.path, "shard_id": 0, "rows": 2, "sha256": part.sha256,
+                                         "bytes": part.bytes}], [], "x", "now")
+    storage.write_bytes(str(out / MANIFEST_FILE), manifest.to_json())
+    with pytest.raises(UserError, match="'cat.jpg' is ambiguous: in/x/cat.jpg and in/y/cat.jpg"):
+        evaluate(str(out), _labels(tmp_path, "file_name,violence_gore\ncat.jpg,1\n"))
+    # Keyed by source, the same images are told apart.
+    report = evaluate(str(out), _labels(tmp_path, "source_uri,violence_gore\nin/x/cat.jpg,1\nin/y/cat.jpg,0\n"))
+    assert report.matched == 2
+
+
+def test_zero_matches_exit_2_with_a_hint(scored_output, tmp_path):
+    labels = _labels(tmp_path, "file_name,violence_gore\nother.png,1\n")
+    result = CliRunner().invoke(app, ["moderation", "evaluate", str(scored_output), labels])
+    assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "none of the 1 labelled images" in lines[0] and "loupe search --json" in lines[0]
+
+
+def test_the_table_fits_80_columns(scored_output, tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from loupe.jobs.console import print_evaluation
+
+    labels = _labels(tmp_path, "image_id,violence_gore,self_harm\na,1,0\nb,1,1\nd,0,1\n")
+    buffer = StringIO()
+    print_evaluation(evaluate(str(scored_output), labels), Console(file=buffer, width=80))
+    lines = buffer.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert lines[0].startswith("3 labelled images matched by image_id")
+    header = lines[1].split()
+    assert header[:3] == ["category", "pos/n", "thr"] and "…" not in buffer.getvalue()
+    assert len(lines) == 6  # title, header, two categories, the note on abbreviations (two lines)
