@@ -57,6 +57,11 @@ def build_output_index(
     if not parts:
         raise UserError(f"the job at {output} has no parts to index")
     job = find_job(storage, output)
+    if job is not None and "embed" not in job.settings.get("tasks", ("embed",)):
+        raise UserError(
+            f"the job at {output} did not run the embed task, so it has no vectors to index "
+            "(rerun it with --tasks including embed)"
+        )
     model = (job.settings if job else {}).get(MODEL_SETTINGS[kind])
     if incremental:
         record = _extend(storage, output, kind, column, parts, memory_budget, model)

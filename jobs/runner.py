@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,21 +17,39 @@ import pyarrow.parquet as pq
 from loupe.jobs.output import (
     done_shards,
     find_job,
+    find_manifest,
     list_folder,
     read_record,
     sweep_leftovers,
     write_manifest,
     write_record,
 )
-from loupe.jobs.planner import PlanSummary, plan_shards, read_plan, write_plan
-from loupe.jobs.replicas import connect_ray, start_replicas
+from loupe.jobs.incremental import Growth, grow, index_is_current, index_note, index_record, read_all_plans, removed_entries
+from loupe.jobs.planner import PlanSummary, plan_objects, read_plan, write_plan
+from loupe.jobs.replicas import OUTPUT_UNWRITABLE, connect_ray, size_replicas, start_replicas
+from loupe.jobs.lease import Lease
 from loupe.jobs.scheduler import Scheduler
-from loupe.schemas.config import JobConfig
+from loupe.schemas.config import JobConfig, normalize_location
+from loupe.schemas.codes import TRANSIENT_CODES
 from loupe.schemas.errors import UserError
-from loupe.schemas.layout import FAILED_DIR, JOB_FILE, MANIFEST_FILE, PARTS_DIR, PLAN_FILE, STATS_DIR, failed_path, stats_path
+from loupe.schemas.layout import (
+    DUPLICATES_FILE,
+    FAILED_DIR,
+    INDEX_DIR,
+    JOB_FILE,
+    MANIFEST_FILE,
+    MATCHES_FILE,
+    PARTS_DIR,
+    PLAN_FILE,
+    PROPAGATED_FILE,
+    STATS_DIR,
+    failed_path,
+    generation_plan_path,
+    removed_path,
+    stats_path,
+)
 from loupe.schemas.plan import Shard, ShardKind
 from loupe.schemas.records import JobRecord, Manifest, ShardFailure, ShardStats, add_counts
-from loupe.workers.models.loading import check_embedding_models, check_model
 from loupe.workers.storage import MissingLocation, Storage, join_uri, open_storage
 
 
@@ -37,12 +57,24 @@ class JobObserver(Protocol):
     """What the runner reports while it works; the CLI draws a progress bar from it."""
 
     def started(self, shards_total: int, shards_done: int, replicas: int) -> None: ...
+    def shard_queued(self, shard: Shard) -> None: ...  # handed to the scheduler
+    def images_done(self, shard_id: int, images: int) -> None: ...  # a replica finished batches
     def shard_done(self, stats: ShardStats) -> None: ...
     def shard_failed(self, failure: ShardFailure) -> None: ...
 
 
+# How often the driver asks the replicas how many images they finished (for the progress bar).
+PROGRESS_POLL_S = 0.5
+
+
 class _Quiet:
     def started(self, shards_total: int, shards_done: int, replicas: int) -> None:
+        pass
+
+    def shard_queued(self, shard: Shard) -> None:
+        pass
+
+    def images_done(self, shard_id: int, images: int) -> None:
         pass
 
     def shard_done(self, stats: ShardStats) -> None:
@@ -69,7 +101,15 @@ class JobResult:
     nodes: list[str] = field(default_factory=list)
     rows_flagged: int = 0
     flagged: dict[str, int] = field(default_factory=dict)  # per category, over the whole job
+    rows_known_content: int = 0  # rows matching the --match-list, over the whole job
     indexes: dict[str, Any] = field(default_factory=dict)  # kind -> IndexRecord built at the end
+    shard_timeout: str = ""  # the shard timeout in force at the end, and where it came from
+    hung_replicas: int = 0  # replicas killed for giving no result within the shard timeout
+    rows_retried: int = 0  # --retry-errors: rows with a transient code processed again
+    uploads_aborted: int = 0  # unfinished multipart uploads an earlier run left under OUTPUT
+    notes: list[str] = field(default_factory=list)  # one line each: resumed, what INPUT gained, how indexes grew
+    growth: Growth | None = None  # a rerun on an existing job: what the listing showed (new, removed, ...)
+    manifest: Manifest | None = None
 
     @property
     def complete(self) -> bool:
@@ -85,43 +125,85 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobResult
     observer = observer or _Quiet()
     started = time.time()
     _preflight(config)
+    config = _with_match_list(config)
     source = open_storage(config.input, config.endpoint_url)
     sink = open_storage(config.output, config.endpoint_url)
-    models = {config.model} if config.captions else set()
-    if config.moderates:
-        models.add(config.judge)
-    for model in sorted(models):
-        check_model(model)
-    if config.embeds:
-        check_embedding_models(config.image_embedding_model, config.text_embedding_model)
+    if config.overwrite or find_job(sink, config.output) is None:
+        # A new job: a wrong model is refused before the lease (its first write) touches OUTPUT.
+        # A rerun of an existing one checks later, only when there is work to do.
+        _check_models(config)
+    # One driver per OUTPUT, from before its first write to after its last.
+    with Lease.acquire(sink, config.output) as lease:
+        return _run_leased(config, observer, started, source, sink, lease)
+
+
+def _run_leased(
+    config: JobConfig, observer: JobObserver, started: float, source: Storage, sink: Storage, lease: Lease
+) -> JobResult:
+    """The job, once this run holds OUTPUT's lease."""
+    # Parts an earlier (killed) run was uploading in pieces: never visible, but kept (and billed) until aborted.
+    aborted = sink.abort_uploads(config.output)
     job = _existing_job(config, sink)
-    with tempfile.TemporaryDirectory(prefix="loupe-plan-") as tmp:
-        plan_file = Path(tmp) / PLAN_FILE
-        if job is None:
+    growth: Growth | None = None
+    created = job is None
+    resources = None
+    if job is None:
+        with tempfile.TemporaryDirectory(prefix="loupe-plan-") as tmp:
+            plan_file = Path(tmp) / PLAN_FILE
             job = _plan(config, source, plan_file)
-        connect_ray(config.ray_address)
-        if plan_file.exists():
+            connect_ray(config.ray_address)
+            resources = size_replicas(config)  # before OUTPUT is written: a wrong size leaves none
             if config.overwrite:
                 _clear_output(config.output, sink)
             # Plan first, job record second: a job record always has its plan beside it.
             sink.write_bytes(join_uri(config.output, PLAN_FILE), plan_file.read_bytes())
-            write_record(sink, config.output, JOB_FILE, job)
+            if not sink.create_exclusive(join_uri(config.output, JOB_FILE), job.to_json()):
+                raise UserError(f"another run created the job in {config.output} meanwhile; rerun to resume it")
 
     sweep_leftovers(sink, config.output)
     done = done_shards(sink, config.output)
-    todo = (shard for shard in _read_plan(sink, config.output) if shard.shard_id not in done)
-    outcomes = _Outcomes(sink, config.output, observer)
+    redo = transient_rows(sink, config.output, done) if config.retry_errors else {}
+    done -= redo.keys()
+    if not created:
+        # An existing job: resume it without listing, or (complete) list INPUT and say what changed.
+        growth = grow(config, source, sink, job, done, lambda plan: _vet_plan(config, source, plan))
+        job = growth.job
+    todo = _queued((shard for shard in read_all_plans(sink, config.output, job) if shard.shard_id not in done), observer)
+    outcomes = _Outcomes(sink, config.output, observer, lease)
+    scheduler = None
     if len(done) < job.shards:
-        with start_replicas(config) as replicas:
+        if growth is not None:
+            if not growth.listed:
+                _check_models(config)
+            connect_ray(config.ray_address)
+        resources = resources or size_replicas(config)
+        with start_replicas(config, redo, resources) as replicas:
             observer.started(job.shards, len(done), len(replicas))
-            Scheduler(replicas, config.max_shard_retries).run(todo, outcomes.done, outcomes.failed)
+            scheduler = Scheduler(replicas, config.max_shard_retries, shard_timeout_s=config.shard_timeout_s)
+            with _polling_progress(replicas, observer):
+                scheduler.run(todo, outcomes.done, outcomes.failed)
     else:
         observer.started(job.shards, len(done), 0)
+    lease.check()
     result = _finish(config, sink, job, done, outcomes.stats, outcomes.failures, time.time() - started)
+    result.uploads_aborted, result.rows_retried = aborted, sum(len(ids) for ids in redo.values())
+    if resources is not None and resources.sizing:
+        result.notes.append(f"replicas: {resources.sizing}")
+    if scheduler is not None:
+        result.shard_timeout, result.hung_replicas = scheduler.describe_timeout(), scheduler.hung
+    if growth is not None:
+        result.growth = growth
+        result.notes += growth.notes
+        if config.incremental and growth.diff is not None:
+            result.notes.append(f"catalog: {growth.diff.words()}; {result.images_this_run} images processed")
     if config.embeds and config.build_index and result.complete:
         from loupe.jobs.indexing import build_output_index
 
         for kind in index_kinds(config):
+            before = index_record(sink, config.output, kind)
+            if before is not None and index_is_current(kind, before, result.manifest):
+                result.indexes[kind] = before  # nothing new to index: no write
+                continue
             # Incremental: a resumed or extended job adds its new parts' vectors to the
             # trained index when it still suits the data size.
             result.indexes[kind] = build_output_index(
@@ -132,6 +214,8 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobResult
                 endpoint_url=config.endpoint_url,
                 incremental=True,
             )
+            if before is not None:
+                result.notes.append(index_note(kind, before, result.indexes[kind]))
         result.seconds = time.time() - started
     return result
 
@@ -152,11 +236,25 @@ def _preflight(config: JobConfig) -> None:
     """
     quick = open_storage(config.input, config.endpoint_url, max_attempts=2)
     next(iter(quick.list(config.input)), None)
+    if "://" not in config.output and Path(config.output).exists() and not Path(config.output).is_dir():
+        raise UserError(f"OUTPUT {config.output} is a file; give a folder (new or a loupe job's) or s3://bucket/prefix/")
     quick = open_storage(config.output, config.endpoint_url, max_attempts=2)
     try:
         next(iter(quick.list(config.output)), None)
     except MissingLocation:
         pass  # a new OUTPUT: nothing there yet is what we expect
+
+
+def _with_match_list(config: JobConfig) -> JobConfig:
+    """The config with its --match-list's sha256, the list read and checked here (a malformed line is
+    one UserError naming it) before anything starts; the replicas read it again and compare."""
+    if config.match_list is None:
+        return config
+    from loupe.workers.hashing import read_hash_list
+    from loupe.workers.index.library import faiss  # noqa: F401  (matching needs FAISS: one line without it)
+
+    known = read_hash_list(config.match_list, config.endpoint_url)
+    return config.model_copy(update={"match_list_sha256": known.sha256})
 
 
 def _existing_job(config: JobConfig, sink: Storage) -> JobRecord | None:
@@ -168,7 +266,10 @@ def _existing_job(config: JobConfig, sink: Storage) -> JobRecord | None:
         return None  # cleared once the new plan is known to be good
     wanted = config.plan_settings()
     for name, value in wanted.items():
-        if job.settings.get(name) != value:
+        was = job.settings.get(name)
+        if name == "input" and was is not None and normalize_location(was) == normalize_location(value):
+            continue  # the same place, written another way (a relative path from an older loupe)
+        if was != value:
             raise UserError(
                 f"{config.output} already holds a different job ({name} was {job.settings.get(name)!r}, "
                 f"now {value!r}); pass --overwrite to replace it or choose another OUTPUT"
@@ -176,11 +277,17 @@ def _existing_job(config: JobConfig, sink: Storage) -> JobRecord | None:
     return job
 
 
+# Files of an old job beyond its parts and records: later generations' plans and removals,
+# `loupe match` and `loupe dedup` results; their folders are cleared whole.
+_DERIVED_FILES = (MATCHES_FILE, DUPLICATES_FILE, PROPAGATED_FILE, generation_plan_path(2), removed_path(2))
+
+
 def _clear_output(output: str, sink: Storage) -> None:
     # Job record and manifest first, so nothing half-deleted is ever trusted as a job.
     for name in (MANIFEST_FILE, JOB_FILE):
         sink.delete(join_uri(output, name))
-    for folder in (STATS_DIR, FAILED_DIR, PARTS_DIR):
+    # Indexes and `loupe match`/`dedup` results too: nothing of the old job may answer for the new one.
+    for folder in (STATS_DIR, FAILED_DIR, PARTS_DIR, INDEX_DIR, *{path.split("/")[0] for path in _DERIVED_FILES}):
         for obj in list_folder(sink, output, folder):
             sink.delete(obj.uri)
     sink.delete(join_uri(output, PLAN_FILE))
@@ -188,7 +295,7 @@ def _clear_output(output: str, sink: Storage) -> None:
 
 def _plan(config: JobConfig, source: Storage, plan_file: Path) -> JobRecord:
     summary = PlanSummary()
-    write_plan(plan_shards(source.list(config.input), config.shard_size, summary), str(plan_file))
+    write_plan(plan_objects(source.list(config.input), config.shard_size, summary), str(plan_file))
     if summary.objects == 0:
         ignored = f" ({summary.ignored} other files ignored)" if summary.ignored else ""
         raise UserError(f"no images, .tar or .parquet files found in {config.input}{ignored}")
@@ -216,12 +323,77 @@ def _check_parquet_column(config: JobConfig, source: Storage, plan_file: Path) -
         )
 
 
-def _read_plan(sink: Storage, output: str) -> Iterator[Shard]:
-    with sink.open_seekable(join_uri(output, PLAN_FILE)) as handle:
-        yield from read_plan(handle)
+def _check_models(config: JobConfig) -> None:
+    """Each model's config and processor (no weights), before any work is planned or started."""
+    # Imported here: it loads torch (2 s), which a rerun with nothing to do never needs.
+    from loupe.workers.models.loading import check_model, clip_config, text_encoder_config
+
+    # Each model error names the flag that sets the model and how to do without it.
+    checks = []
+    if config.captions:
+        checks.append((check_model, (config.model,), "set it with --model, or leave caption out of --tasks"))
+    if config.moderates and (config.moderation_model or not config.captions):
+        checks.append((check_model, (config.judge,), "set the judge with --moderation-model (default: --model), or leave moderate out of --tasks"))
+    if config.embeds:
+        checks.append((clip_config, (config.image_embedding_model,), "set it with --image-embedding-model, or leave embed out of --tasks"))
+        if config.captions or config.text_column:
+            checks.append((text_encoder_config, (config.text_embedding_model,), "set it with --text-embedding-model, or leave embed out of --tasks"))
+    for check, args, how in checks:
+        try:
+            check(*args)
+        except UserError as exc:
+            raise UserError(f"{exc}; {how}") from None
+
+
+def _vet_plan(config: JobConfig, source: Storage, plan_file: Path) -> None:
+    """A new generation's plan, checked as a new job's is before anything is written."""
+    _check_models(config)
+    _check_parquet_column(config, source, plan_file)
+
+
+def transient_rows(sink: Storage, output: str, done: set[int]) -> dict[int, frozenset[str]]:
+    """Per done shard with rows whose error code is transient (TRANSIENT_CODES), those rows' image ids."""
+    transient = {code.value for code in TRANSIENT_CODES}
+    redo = {}
+    for shard_id in sorted(done):
+        stats = read_record(sink, join_uri(output, stats_path(shard_id)), ShardStats)
+        if not transient & stats.error_codes.keys():
+            continue
+        with sink.open_seekable(join_uri(output, stats.part)) as handle:
+            rows = pq.read_table(handle, columns=["image_id", "error_code"]).to_pylist()
+        redo[shard_id] = frozenset(row["image_id"] for row in rows if row["error_code"] in transient)
+    return redo
 
 
 # -- this run's shards ----------------------------------------------------------------------
+
+
+def _queued(shards: Iterable[Shard], observer: JobObserver) -> Iterator[Shard]:
+    for shard in shards:
+        observer.shard_queued(shard)
+        yield shard
+
+
+@contextmanager
+def _polling_progress(replicas: Any, observer: JobObserver) -> Iterator[None]:
+    """Hand the replicas' per-batch image counts to the observer from a driver thread while the block runs."""
+    stop = threading.Event()
+
+    def poll() -> None:
+        while True:
+            last = stop.wait(PROGRESS_POLL_S)
+            for shard_id, images in replicas.take_progress(timeout=4 * PROGRESS_POLL_S).items():
+                observer.images_done(shard_id, images)
+            if last:
+                return
+
+    thread = threading.Thread(target=poll, name="loupe-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=8 * PROGRESS_POLL_S)  # one take() at most is in flight
 
 
 @dataclass
@@ -231,17 +403,25 @@ class _Outcomes:
     sink: Storage
     output: str
     observer: JobObserver
+    lease: Lease
     stats: list[ShardStats] = field(default_factory=list)
     failures: list[ShardFailure] = field(default_factory=list)
 
     def done(self, stats: ShardStats) -> None:
+        self.lease.check()
         self.sink.delete(join_uri(self.output, failed_path(stats.shard_id)))  # an earlier run's failure
         self.stats.append(stats)
         self.observer.shard_done(stats)
 
     def failed(self, shard: Shard, attempts: int, cause: str) -> None:
+        self.lease.check()
         failure = ShardFailure(shard.shard_id, attempts, cause, time.time())
-        write_record(self.sink, self.output, failed_path(shard.shard_id), failure)
+        try:
+            write_record(self.sink, self.output, failed_path(shard.shard_id), failure)
+        except OSError as exc:
+            if exc.errno not in OUTPUT_UNWRITABLE:
+                raise
+            # OUTPUT full or read-only, which is why the shard failed: still reported, and the job stops.
         self.failures.append(failure)
         self.observer.shard_failed(failure)
 
@@ -264,6 +444,7 @@ def _finish(
         stats[shard_id] = read_record(sink, join_uri(config.output, stats_path(shard_id)), ShardStats)
     ordered = [stats[i] for i in sorted(stats)]
     failed = sorted({f.shard_id for f in failures} - stats.keys())
+    current = find_manifest(sink, config.output)
     manifest = Manifest(
         complete=len(ordered) == job.shards,
         shards_total=job.shards,
@@ -278,9 +459,19 @@ def _finish(
         written_at=_now(),
         # Every shard decodes alike (the side follows from the frozen models): any one says it.
         decode_side=next((s.decode_side for s in ordered), None),
+        generation=job.generation,
+        removed=removed_entries(job),
+        removed_objects=sum(g["removed"] for g in job.generations),
+        # The built indexes stay valid for the parts they list until they are extended.
+        index=dict(current.index) if current is not None else {},
     )
-    write_manifest(sink, config.output, manifest)
+    if _changed(current, manifest):
+        # One write: a reader sees the previous generation's catalog or this one, never a mix.
+        write_manifest(sink, config.output, manifest)
+    else:
+        manifest = current  # a rerun with nothing to do writes nothing
     return JobResult(
+        manifest=manifest,
         output=config.output,
         shards_total=job.shards,
         shards_done=len(ordered),
@@ -294,7 +485,15 @@ def _finish(
         nodes=sorted({s.node_id for s in new_stats if s.node_id}),
         rows_flagged=sum(s.rows_flagged for s in ordered),
         flagged=add_counts(s.flagged for s in ordered),
+        rows_known_content=sum(s.rows_known_content for s in ordered),
     )
+
+
+def _changed(current: Manifest | None, manifest: Manifest) -> bool:
+    if current is None:
+        return True
+    keys = ("complete", "shards_total", "parts", "failed_shards", "generation", "removed")
+    return any(getattr(current, key) != getattr(manifest, key) for key in keys)
 
 
 def _now() -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 JOB_FILE = "_job.json"
-PLAN_FILE = "_plan.parquet"
+PLAN_FILE = "_plan.parquet"  # generation 1's plan; later generations' are generation_plan_path(n)
 MANIFEST_FILE = "_manifest.json"
 PARTS_DIR = "parts"
 STATS_DIR = "_stats"
@@ -32,6 +32,20 @@ def failed_path(shard_id: int) -> str:
     return f"{FAILED_DIR}/shard-{shard_id:05d}.json"
 
 
+PLANS_DIR = "_plans"  # the plans of a catalog's generations after the first (`loupe run --incremental`)
+REMOVED_DIR = "_removed"  # per generation, the source objects found gone (their rows are hidden)
+
+
+def generation_plan_path(generation: int) -> str:
+    """The plan of a catalog's generation: the first is PLAN_FILE, later ones beside it."""
+    return PLAN_FILE if generation <= 1 else f"{PLANS_DIR}/generation-{generation:05d}.parquet"
+
+
+def removed_path(generation: int) -> str:
+    """The source objects that generation found gone (or, re-planned, changed) from INPUT."""
+    return f"{REMOVED_DIR}/generation-{generation:05d}.parquet"
+
+
 def index_path(kind: str, name: str = "") -> str:
     """A file of the `kind` index's folder (the folder itself without a name)."""
     return f"{INDEX_DIR}/{kind}/{name}" if name else f"{INDEX_DIR}/{kind}"
@@ -44,6 +58,15 @@ def shard_id_from_path(path: str) -> int | None:
     """The shard number in a stats or failure record's file name; None for anything else
     (such as the temp file of a write that a killed process left behind)."""
     match = _RECORD_NAME.fullmatch(path.rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
+_PART_NAME = re.compile(r"part-(\d+)\.parquet")
+
+
+def shard_id_of_part(path: str) -> int | None:
+    """The shard number in a part's file name (parts/part-NNNNN.parquet); None for anything else."""
+    match = _PART_NAME.fullmatch(path.rsplit("/", 1)[-1])
     return int(match.group(1)) if match else None
 
 

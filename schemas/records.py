@@ -59,6 +59,15 @@ class JobRecord(Record):
     shards: int
     created_at: str
     loupe_format: int = FORMAT_VERSION
+    # A catalog that grows (`loupe run --incremental`): generation 1 is the first plan; each
+    # later one appends {"generation", "first_shard", "shards", "objects", "new", "removed",
+    # "changed", "unchanged", "plan", "removed_file", "listing_sha256", "created_at"}.
+    # `shards` and `objects` above count every generation.
+    generations: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def generation(self) -> int:
+        return 1 + len(self.generations)
 
 
 @dataclass
@@ -84,6 +93,9 @@ class ShardStats(Record):
     # The shortest side images were decoded at (JPEG DCT scaling); None: in full. A query image
     # decoded the same way embeds to the same vector as its catalog row.
     decode_side: int | None = None
+    rows_known_content: int = 0  # rows whose PDQ hash matched the job's --match-list
+    oom_splits: int = 0  # batches split in two after running out of GPU memory
+    batch_size: int = 0  # the replica's batch size when the shard ended (smaller after out-of-memory)
 
 
 @dataclass
@@ -111,6 +123,11 @@ class Manifest(Record):
     loupe_format: int = FORMAT_VERSION
     index: dict[str, Any] = field(default_factory=dict)  # kind -> {"path", "sha256", "vectors", "record"}, added by `loupe index`
     decode_side: int | None = None  # as in ShardStats: how query images must be decoded to match the catalog
+    generation: int = 1  # the JobRecord generation these parts complete
+    # Per generation that found source objects gone: {"generation", "path", "objects", "sha256"};
+    # their rows stay in the parts, readers (search, serve) hide them.
+    removed: list[dict[str, Any]] = field(default_factory=list)
+    removed_objects: int = 0
 
 
 @dataclass

@@ -34,11 +34,15 @@ from loupe.schemas.records import ShardStats
 from loupe.schemas.rows import output_schema
 from loupe.workers.batching import BUCKET_BATCHES, bucketed, chunked
 from loupe.workers.decode import DecodeError, decode_sized
+from loupe.workers.faults import fault_point
+from loupe.workers.hashing import HASH_DECODE_SIDE, KnownContent, pdq
 from loupe.workers.models.captioner import Captioner
+from loupe.workers.models.devices import device_lost
 from loupe.workers.models.stages import Captioning, ImageEmbedding, ImageStage, Moderating, Stage, TextEmbedding
 from loupe.workers.reader import read_shard
 from loupe.workers.rows import Item, Result, RowBuilder
-from loupe.workers.storage import open_storage
+from loupe.workers.retry import merge_retried
+from loupe.workers.storage import TransientError, open_storage
 from loupe.workers.torch_thread import on_torch_thread
 from loupe.workers.writer import write_part, write_stats
 
@@ -67,6 +71,7 @@ class _Timings:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.seconds: Counter[str] = Counter()
+        self.oom_splits = 0  # batches split in two after running out of GPU memory (consumer only)
 
     def add(self, stage: str, seconds: float) -> None:
         with self._lock:
@@ -94,11 +99,12 @@ class ShardProcessor:
         image_embedder: ImageEmbedding | None = None,
         text_embedder: TextEmbedding | None = None,
         decode_threads: int | None = None,
+        gpus: list[int] | None = None,
     ) -> None:
-        """Load the models the job's tasks need; tests and remote judges pass their own."""
+        """Load the models the job's tasks need (over `gpus`, the GPUs torch numbers, where several); tests and remote judges pass their own."""
         self.config = config
         captioner, moderator, image_embedder, text_embedder = on_torch_thread(
-            _load_models, config, device, captioner, moderator, image_embedder, text_embedder
+            _load_models, config, device, captioner, moderator, image_embedder, text_embedder, gpus
         )
         self.captioner = captioner if config.captions else None
         self.moderator = moderator if config.moderates else None
@@ -115,6 +121,9 @@ class ShardProcessor:
         self.moderation_reads_cache = self.moderator is not None and self.moderator.reads_prefix_of(self.captioner)
         # JPEGs are decoded at the smallest scale that leaves the models' inputs unchanged.
         self.decode_side = models_decode_side(self.captioner, self.moderator, self.image_embedder)
+        if config.hashes and self.decode_side is not None:
+            # PDQ needs more: at CLIP's 224 a hash drifts up to 14 of its 31 bits from the full image's.
+            self.decode_side = max(self.decode_side, HASH_DECODE_SIDE)
         # The models run on the process's torch thread (see torch_thread), one batch at a time.
         # Models on the CPU already use every core with one OpenMP team: preprocessing (torch
         # operators) from another thread would start a second team, so there it takes its turn on
@@ -125,10 +134,32 @@ class ShardProcessor:
             thread_name_prefix="loupe-decode",
         )
         self._input = open_storage(config.input, config.endpoint_url)
+        # Loaded once per replica; the sha256 check refuses a list edited since the job started.
+        self._known = (
+            KnownContent.load(config.match_list, config.endpoint_url, config.match_list_sha256)
+            if config.match_list
+            else None
+        )
         self._output = open_storage(config.output, config.endpoint_url)
+        # Halved for the rest of the job whenever a batch runs out of GPU memory.
+        self.batch_size = config.batch_size
 
-    def process(self, shard: Shard, *, attempt: int = 1, node_id: str = "") -> ShardStats:
-        """Caption every image of the shard, write its part, then its stats record."""
+    def process(
+        self,
+        shard: Shard,
+        *,
+        attempt: int = 1,
+        node_id: str = "",
+        redo: frozenset[str] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> ShardStats:
+        """Caption every image of the shard, write its part, then its stats record.
+
+        `progress(n)`, if given, is called after each batch with the n images the models just did.
+
+        With `redo` (image ids), only those images are processed again and their rows replace the
+        same ids' rows in the shard's existing part (`loupe run --retry-errors`).
+        """
         started = time.time()
         timings = _Timings()
         batches: queue.Queue[Any] = queue.Queue(maxsize=_PREFETCH_BATCHES)
@@ -136,7 +167,7 @@ class ShardProcessor:
         errors: list[Item] = []
         producer = threading.Thread(
             target=self._produce,
-            args=(shard, batches, stop, errors, timings),
+            args=(shard, batches, stop, errors, timings, redo),
             name=f"loupe-shard-{shard.name}",
             daemon=True,
         )
@@ -147,6 +178,8 @@ class ShardProcessor:
                 if isinstance(message, _Failed):
                     raise message.exc
                 results.extend(self._infer(message, errors, timings))
+                if progress is not None:
+                    progress(len(message.items))
         finally:
             # Leaving early (the model failed on a whole batch), the consumer tells the producer,
             # which would otherwise wait forever on the full queue, and this join with it.
@@ -154,6 +187,8 @@ class ShardProcessor:
             producer.join()
 
         shard_rows = self._rows.shard_rows(shard, results, errors)
+        if redo is not None:
+            shard_rows = merge_retried(self._output, self.config.output, shard.shard_id, shard_rows, self.config.taxonomy)
         t0 = time.perf_counter()
         part = write_part(self._output, self.config.output, shard.shard_id, shard_rows.rows, self.schema)
         timings.add("write", time.perf_counter() - t0)
@@ -176,6 +211,9 @@ class ShardProcessor:
             rows_flagged=shard_rows.rows_flagged,
             flagged=shard_rows.flagged,
             decode_side=self.decode_side,
+            oom_splits=timings.oom_splits,
+            batch_size=self.batch_size,
+            rows_known_content=shard_rows.rows_known_content,
         )
         write_stats(self._output, self.config.output, stats)
         return stats
@@ -196,12 +234,18 @@ class ShardProcessor:
     # -- producer thread: fetch, decode, preprocess -------------------------------------
 
     def _produce(
-        self, shard: Shard, batches: queue.Queue, stop: threading.Event, errors: list[Item], timings: _Timings
+        self,
+        shard: Shard,
+        batches: queue.Queue,
+        stop: threading.Event,
+        errors: list[Item],
+        timings: _Timings,
+        redo: frozenset[str] | None = None,
     ) -> None:
         """Hand the shard's prepared batches to the consumer, then _DONE (or _Failed); stop once it has left."""
         try:
-            with closing(self._fetched(shard, timings)) as fetched:
-                for window in chunked(fetched, BUCKET_BATCHES * self.config.batch_size):
+            with closing(self._fetched(shard, timings, redo)) as fetched:
+                for window in chunked(fetched, BUCKET_BATCHES * self.batch_size):
                     for items in self._decode_window(window, errors):
                         if stop.is_set():
                             return
@@ -222,10 +266,13 @@ class ShardProcessor:
         ready = []
         for item in (future.result() for future in window):
             (errors if item.error is not None else ready).append(item)
-        return bucketed(ready, [item.image.size for item in ready], self.config.batch_size, self.captioner)
+        if self._known is not None:  # one FAISS range search per window, on this (producer) thread
+            for item, labels in zip(ready, self._known.match([item.pdq for item in ready]), strict=True):
+                item.matched_labels = labels
+        return bucketed(ready, [item.image.size for item in ready], self.batch_size, self.captioner)
 
-    def _fetched(self, shard: Shard, timings: _Timings) -> Iterator[Future[Item]]:
-        """The shard's samples in source order, each handed to the decode pool as it arrives."""
+    def _fetched(self, shard: Shard, timings: _Timings, redo: frozenset[str] | None = None) -> Iterator[Future[Item]]:
+        """The shard's samples in source order (only `redo`'s when given), each handed to the decode pool as it arrives."""
         with closing(read_shard(shard, self._input, image_column=self.config.image_column)) as samples:
             for seq in itertools.count():
                 t0 = time.perf_counter()
@@ -233,11 +280,18 @@ class ShardProcessor:
                 timings.add("fetch", time.perf_counter() - t0)
                 if sample is None:
                     return
+                if redo is not None and sample.image_id not in redo:
+                    continue
                 yield self._decode_pool.submit(self._decode, Item(seq, sample), timings)
 
     def _decode(self, item: Item, timings: _Timings) -> Item:
         if item.sample.error is not None:
             item.error = item.sample.error
+            return item
+        try:
+            fault_point("read", [item.sample.source_uri])
+        except TransientError as exc:
+            item.error = (ErrorCode.READ_FAILED, one_line(exc))
             return item
         t0 = time.perf_counter()
         try:
@@ -245,6 +299,11 @@ class ShardProcessor:
         except DecodeError as exc:
             item.error = (exc.code, exc.message)
         timings.add("decode", time.perf_counter() - t0)
+        if self.config.hashes and item.image is not None:
+            # Here on the decode pool, overlapping the models like decoding (see docs/benchmarks.md).
+            t0 = time.perf_counter()
+            item.pdq = pdq(item.image)
+            timings.add("hash", time.perf_counter() - t0)
         return item
 
     def _prepare(self, items: list[Item], timings: _Timings) -> _Batch:
@@ -270,6 +329,8 @@ class ShardProcessor:
 
     def _run_models_here(self, batch: _Batch, timings: _Timings) -> list[Result]:
         results = [Result(item) for item in batch.items]
+        # A generator: built only where a fault plan is set; benchmark batches have no source.
+        fault_point("model", (item.sample.source_uri for item in batch.items if item.sample is not None))
         encoded = None
         if self.captioner is not None:
             t0 = time.perf_counter()
@@ -313,10 +374,24 @@ class ShardProcessor:
         if batch.error is None:
             try:
                 return self._run_models(batch, timings)
-            except Exception:
+            except Exception as exc:
+                if device_lost(exc):
+                    raise  # the CUDA context is unusable: the replica ends, the shard goes elsewhere
+                if _out_of_memory(exc) and len(batch.items) > 1:
+                    return self._halves(batch.items, errors, timings)
                 if len(batch.items) == 1:
                     raise
         return self._one_by_one(batch.items, errors, timings)
+
+    def _halves(self, items: list[Item], errors: list[Item], timings: _Timings) -> list[Result]:
+        """A batch that ran out of GPU memory, again in two halves; later batches are no larger than a half."""
+        half = (len(items) + 1) // 2
+        self.batch_size = min(self.batch_size, half)
+        timings.oom_splits += 1
+        results: list[Result] = []
+        for part in (items[:half], items[half:]):
+            results += self._infer(self._in_turn(self._prepare, part, timings), errors, timings)
+        return results
 
     def _one_by_one(self, items: list[Item], errors: list[Item], timings: _Timings) -> list[Result]:
         """Isolate the images a batch failed on; if every one fails, the model is at fault."""
@@ -330,6 +405,8 @@ class ShardProcessor:
                     raise prepared.error
                 done += self._run_models(prepared, timings)
             except Exception as exc:
+                if device_lost(exc):
+                    raise
                 last = exc
                 item.error = (ErrorCode.MODEL_FAILED, one_line(exc, 500))
                 failed.append(item)
@@ -346,6 +423,7 @@ def _load_models(
     moderator: Moderating | None,
     image_embedder: ImageEmbedding | None,
     text_embedder: TextEmbedding | None,
+    gpus: list[int] | None = None,
 ) -> tuple[Captioning | None, Moderating | None, ImageEmbedding | None, TextEmbedding | None]:
     """The models the job's tasks need, those not passed in loaded here (on the torch thread)."""
     if config.captions and captioner is None:
@@ -355,14 +433,23 @@ def _load_models(
             max_new_tokens=config.max_new_tokens,
             min_new_tokens=config.min_new_tokens,
             device=device,
+            gpus=gpus,
+            batch_size=config.batch_size,
+            quantize=config.quantize,
         )
     if config.moderates and moderator is None:
         from loupe.workers.models.moderator import Moderator
 
-        moderator = Moderator(config.judge, config.taxonomy, device=device, share=captioner)
+        moderator = Moderator(
+            config.judge, config.taxonomy, device=device, share=captioner, gpus=gpus, quantize=config.quantize
+        )
     if config.embeds:
+        from loupe.workers.models.devices import roomiest_gpu
         from loupe.workers.models.embedder import ImageEmbedder, TextEmbedder
         from loupe.workers.models.loading import resolve_text_model
+
+        # Over several GPUs, the embedders go where the captioner left the most memory.
+        device = roomiest_gpu(gpus) if gpus and len(gpus) > 1 else device
 
         image_embedder = image_embedder or ImageEmbedder(config.image_embedding_model, device=device)
         if text_embedder is None and (config.captions or config.text_column):
@@ -379,6 +466,12 @@ def _hand_over(batches: queue.Queue, stop: threading.Event, message: Any) -> boo
         except queue.Full:
             continue
     return False
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch  # loaded already: the models run on it
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
 def _on_cpu(*stages: Stage | None) -> bool:

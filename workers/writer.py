@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from loupe.schemas.layout import part_path, stats_path
 from loupe.schemas.records import ShardStats
+from loupe.workers.faults import fault_point
 from loupe.workers.storage import Storage, join_uri
 
 
@@ -39,6 +40,7 @@ def write_part(
     """Write a shard's part in one atomic put; a retried shard rewrites the same name."""
     data = encode_part(rows, schema)
     path = part_path(shard_id)
+    fault_point("write", [join_uri(output, path)])
     storage.write_bytes(join_uri(output, path), data)
     return WrittenPart(path, hashlib.sha256(data).hexdigest(), len(data), len(rows))
 

@@ -1,4 +1,4 @@
-"""`loupe bench job|moderation|index`: thin Typer commands over the three benchmarks (`loupe bench` alone: job)."""
+"""`loupe bench job|moderation|index|pdq|incremental`: thin Typer commands over the benchmarks (`loupe bench` alone: job)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def job(
     images: Annotated[int, typer.Option(help="Generated JPEGs of varied sizes to caption.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 32,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per caption, fixed (minimum = maximum).")] = 64,
-    tasks: Annotated[str, typer.Option(help="Comma-separated: caption, moderate, embed.")] = "caption",
+    tasks: Annotated[str, typer.Option(help="Comma-separated: caption, moderate, embed, hash.")] = "caption",
+    gpus_per_replica: Annotated[Optional[int], typer.Option(help="GPUs the replica spreads over (CUDA; default: planned from the checkpoint).")] = None,
     source: Annotated[str, typer.Option(help="local folder, or s3 (a loopback S3 endpoint started for the run).")] = "local",
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when a GPU is there).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPUs of the local Ray cluster, so torch threads per replica (CPU).")] = None,
@@ -66,6 +67,7 @@ def job(
             family=family, size=size, images=images, batch_size=batch_size, max_new_tokens=max_new_tokens,
             tasks=tasks, source=source, device=device, threads=threads, naive_images=naive_images, repeats=repeats,
             shard_size=shard_size, workdir=str(workdir) if workdir else None, endpoint_url=endpoint_url,
+            gpus_per_replica=gpus_per_replica,
         )
         console = Console(stderr=True)
         result = run_bench(options, log=lambda line: console.print(f"[dim]{line}[/]"))
@@ -117,3 +119,84 @@ def index(
 
         result = run(vectors, dim, budget_fraction=budget_fraction, queries=queries, seed=seed)
     typer.echo(json.dumps(result, indent=2) if as_json else table(result))
+
+
+@bench_app.command()
+def pdq(
+    images: Annotated[int, typer.Option(help="Photo-like JPEGs of camera sizes to hash, decoded in full.")] = 32,
+    catalog: Annotated[int, typer.Option(help="Catalog hashes to match against (0: skip matching).")] = 1_000_000,
+    list_size: Annotated[int, typer.Option("--list", help="Known hashes in the list.")] = 10_000,
+    max_distance: Annotated[int, typer.Option(help="Most differing bits of a match.")] = 31,
+    brute_force_list: Annotated[Optional[int], typer.Option(help="Time NumPy's brute force on this many list hashes and scale up (default: all).")] = None,
+    workdir: Annotated[Optional[Path], typer.Option(help="Keep the generated photos here between runs.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """PDQ's cost per image on the CPU, and `loupe match`'s search (binary FAISS) against a NumPy popcount brute force."""
+    import tempfile
+
+    with one_line_errors():
+        from PIL import Image
+
+        from loupe.jobs.bench.pdq import format_table, time_match, time_pdq
+        from loupe.jobs.bench.photos import make_photos
+
+        with tempfile.TemporaryDirectory(prefix="loupe-bench-pdq-") as tmp:
+            paths = make_photos(Path(workdir or tmp) / "photos", images)
+            decoded = []
+            for path in paths:
+                with Image.open(path) as image:
+                    decoded.append(image.convert("RGB"))
+        hashing = time_pdq(decoded)
+        matching = time_match(catalog, list_size, max_distance, brute_force_list=brute_force_list) if catalog else None
+    result = {"pdq": hashing, "match": matching}
+    typer.echo(json.dumps(result, indent=2) if as_json else format_table(hashing, matching))
+
+
+@bench_app.command()
+def chaos(
+    images: Annotated[int, typer.Option(help="Generated images (two of them broken) on a loopback S3 endpoint.")] = 300,
+    seed: Annotated[int, typer.Option(help="Seed of the fault schedule and the images.")] = 0,
+    shard_size: Annotated[int, typer.Option(help="Images per shard.")] = 16,
+    shard_timeout: Annotated[float, typer.Option(help="--shard-timeout of the chaos job (a hung model call is injected).")] = 20.0,
+    workdir: Annotated[Optional[Path], typer.Option(help="Keep the model and images here between runs.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """A job under a seeded schedule of every fault loupe survives, on a two-node local Ray cluster, against a clean run."""
+    import tempfile
+
+    _offline_transformers()
+    with one_line_errors():
+        from loupe.jobs.bench.chaos import format_report, run_chaos
+
+        with tempfile.TemporaryDirectory(prefix="loupe-bench-chaos-") as tmp:
+            report = run_chaos(Path(workdir or tmp), images=images, seed=seed, shard_size=shard_size, shard_timeout_s=shard_timeout)
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
+    if not report.survived:
+        raise typer.Exit(1)
+
+
+@bench_app.command()
+def incremental(
+    images: Annotated[int, typer.Option(help="Images in the catalog before it grows.")] = 10_000,
+    added: Annotated[float, typer.Option(help="Share of new images added, then run with --incremental.")] = 0.01,
+    shard_size: Annotated[int, typer.Option(help="Images per shard.")] = 1000,
+    threads: Annotated[Optional[int], typer.Option(help="CPUs of the local Ray cluster.")] = None,
+    scaling: Annotated[str, typer.Option(help="Comma-separated synthetic catalog sizes for the catalog step alone ('' skips).")] = "10000,100000,1000000",
+    skip_run: Annotated[bool, typer.Option("--skip-run", help="Only the catalog step's scaling, no jobs.")] = False,
+    workdir: Annotated[Optional[Path], typer.Option(help="Keep the model and images here between runs.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """An incremental run adding a share of new images to a catalog, against a full run over the final listing."""
+    import tempfile
+
+    _offline_transformers()
+    with one_line_errors():
+        from loupe.jobs.bench.incremental import catalog_scaling, format_report, run_incremental_bench
+
+        with tempfile.TemporaryDirectory(prefix="loupe-bench-incremental-") as tmp:
+            where = Path(workdir or tmp)
+            sizes = tuple(int(s) for s in scaling.split(",") if s.strip())
+            scaled = catalog_scaling(where, sizes) if sizes else []
+            run = None if skip_run else run_incremental_bench(where, images=images, added=added, shard_size=shard_size, threads=threads)
+    result = {"run": run, "catalog_scaling": scaled}
+    typer.echo(json.dumps(result, indent=2) if as_json else format_report(run, scaled))

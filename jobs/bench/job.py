@@ -108,30 +108,49 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
 
 
 def _check_memory(options: BenchOptions, device: torch.device) -> int:
-    """Refuse, before anything is built, a model whose weights cannot fit; return its parameter count.
+    """Refuse, before anything is built, a model and batch that cannot fit; return its parameter count.
 
-    In the captioner's dtype (float32 on the CPU, bfloat16 on a GPU), two copies at once: the
-    replica's and the benchmark's own, which runs the model alone around each job.
+    In the captioner's dtype (float32 on the CPU, bf16 or fp16 on a GPU), two weight copies at
+    once (the replica's and the benchmark's own, which runs the model alone around each job) and
+    one batch's KV cache and prefill activations: the two copies run their batches in turn, and
+    the model-alone copy gives its cached blocks back before each job (measure.model_alone).
     """
     import torch
+    from loupe.schemas.config import DEFAULT_PROMPT
+    from loupe.workers.models.devices import batch_memory, meta_model, prompt_tokens
     from loupe.workers.models.loading import resolve_dtype
-    from loupe.workers.models.random import parameter_count
+    from loupe.workers.models.random import random_model_config
 
-    parameters = parameter_count(options.family, options.size)
     dtype = resolve_dtype(device)
-    need = parameters * dtype.itemsize * 2 * 1.2  # weights plus activations, KV cache and loader slack
+    config = random_model_config(options.family, options.size)
+    parameters = sum(p.numel() for p in meta_model(config, dtype).parameters())
+    batch = batch_memory(
+        config, parameters, batch_size=options.batch_size, prompt_tokens=prompt_tokens(DEFAULT_PROMPT),
+        max_new_tokens=options.max_new_tokens, dtype_bytes=dtype.itemsize,
+    )
+    need = (2 * batch.weight_bytes + batch.kv_bytes + batch.activation_bytes) * 1.1  # and loader slack
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        where, hint = f"free on {device}", "use a larger GPU or a smaller --size"
+        gpus = bench_gpus(options, device)
+        free = sum(torch.cuda.mem_get_info(gpu)[0] for gpu in gpus)
+        where = f"free on {', '.join(f'cuda:{gpu}' for gpu in gpus)}"
+        hint = "lower --batch-size, or use more GPUs (--gpus-per-replica) or a smaller --size"
     else:
         free = _available_memory()
         where, hint = "of memory available", "use a GPU (--device cuda) or --size small"
     if need > free:
         raise UserError(
-            f"--size {options.size} needs about {need / 1e9:.0f} GB on {device.type} ({parameters / 1e9:.2f}B "
-            f"parameters in {str(dtype).removeprefix('torch.')} plus working memory), {free / 1e9:.0f} GB {where}; {hint}"
+            f"--size {options.size} needs about {need / 1e9:.0f} GB on {device.type} (two copies of "
+            f"{parameters / 1e9:.2f}B parameters in {str(dtype).removeprefix('torch.')}, {batch.kv_bytes / 1e9:.1f} GB "
+            f"of KV cache and {batch.activation_bytes / 1e9:.1f} GB of activations for a batch of {options.batch_size}), "
+            f"{free / 1e9:.0f} GB {where}; {hint}"
         )
     return parameters
+
+
+def bench_gpus(options: BenchOptions, device: torch.device) -> list[int]:
+    """The GPUs the benchmark's model-alone copy spreads over: --gpus-per-replica of them from --device's."""
+    first = device.index or 0
+    return list(range(first, first + int(options.gpus_per_replica or 1)))
 
 
 def _available_memory() -> int:
@@ -165,12 +184,12 @@ def _workdir(path: str | None) -> Iterator[Path]:
 
 def _checkpoint(work: Path, family: str, size: str, seed: int, device: torch.device) -> str:
     """The random checkpoint under work/models/, built once; a half-built one is never reused."""
-    from loupe.workers.models.random import FULL_SIZE, build_random_model
+    from loupe.workers.models.random import GPU_SIZES, build_random_model
 
     dest = work / "models" / f"{family}-{size}-seed{seed}"
     if not (dest / ".complete").exists():
         shutil.rmtree(dest, ignore_errors=True)
-        target = str(device) if size == FULL_SIZE else None
+        target = str(device) if size in GPU_SIZES else None
         build_random_model(dest, family, size, seed=seed, device=target)
         (dest / ".complete").touch()
     return str(dest)
@@ -185,7 +204,7 @@ def _connected_ray(config: JobConfig, device: torch.device, threads: int | None)
     down at the end if started here.
     """
     import ray
-    from loupe.jobs.replicas import connect_ray, replica_resources
+    from loupe.jobs.replicas import connect_ray, size_replicas
 
     own = not os.environ.get("RAY_ADDRESS")
     gpus = 0 if own and device.type == "cpu" else None
@@ -193,7 +212,7 @@ def _connected_ray(config: JobConfig, device: torch.device, threads: int | None)
     try:
         if threads and not started:
             raise UserError("--threads sets the CPUs of the Ray cluster the benchmark starts, but Ray is already running")
-        replicas = replica_resources(config)
+        replicas = size_replicas(config)  # as the runner sizes it: a count no node has is refused here
         if replicas.device != device.type:
             raise UserError(
                 "--device cuda: the Ray cluster has no GPU, so the job would run on the CPU"

@@ -94,6 +94,7 @@ def job_config(
         max_shard_retries=0,  # a retried shard would time two attempts
         build_index=False,  # indexing happens once per job, after the throughput measured here
         overwrite=True,
+        gpus_per_replica=options.gpus_per_replica,
         **({"image_embedding_model": clip} if clip else {}),
     )
 
@@ -133,7 +134,10 @@ def load_models(config: JobConfig, work: Path, device: torch.device) -> ShardPro
     from loupe.workers.pipeline import ShardProcessor
 
     local = {"input": str(work), "output": str(work / "alone"), "endpoint_url": None}  # it reads and writes nothing
-    return ShardProcessor(config.model_copy(update=local), device=str(device))
+    # Spread over as many GPUs as the job's replica, from --device's on.
+    share = int(config.gpus_per_replica or 1)
+    gpus = list(range(device.index or 0, (device.index or 0) + share)) if device.type == "cuda" and share > 1 else None
+    return ShardProcessor(config.model_copy(update=local), device=str(device), gpus=gpus)
 
 
 class _ForwardClock:
@@ -223,7 +227,7 @@ def model_alone(models: Any, batches: list[list], device) -> Phase:
         return Phase()
     captioner = models.captioner
     on_cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    sync = device_sync(device)
     clock = _ForwardClock(captioner.model, sync)
     generate_encoded = captioner.generate_encoded
 
@@ -262,7 +266,30 @@ def model_alone(models: Any, batches: list[list], device) -> Phase:
         clock.remove()
     phase.memory = int(torch.cuda.max_memory_allocated(device)) if on_cuda else None
     phase.prompt_tokens = prompt_tokens / max(1, phase.images)
+    if on_cuda:
+        # Give back what this copy's batches reserved, so the job's replica, which runs next on the
+        # same GPU, has the memory the memory check counted on.
+        torch.cuda.empty_cache()
     return phase
+
+
+def device_sync(device) -> Callable[[], None]:
+    """A wait for this process's kernels on `device` and on every other GPU it sees (a model spread over several).
+
+    A bare torch.cuda.synchronize() waits on the calling thread's current GPU, cuda:0 on the
+    torch thread: with --device cuda:1 the stage split would time kernel launches.
+    """
+    import torch
+
+    if device.type != "cuda":
+        return lambda: None
+    gpus = sorted({device.index or 0, *range(torch.cuda.device_count())})
+
+    def sync() -> None:
+        for gpu in gpus:
+            torch.cuda.synchronize(gpu)
+
+    return sync
 
 
 # -- 4. naive --------------------------------------------------------------------------------
@@ -286,7 +313,7 @@ def naive(
     dtype = models.captioner.dtype
     tokenizer = processor.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
 
     @torch.inference_mode()
     def one(i: int) -> None:
@@ -299,7 +326,7 @@ def naive(
         ).to(device, dtype=dtype)
         output = hf_model.generate(
             **inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-            num_beams=1, pad_token_id=pad,
+            num_beams=1, pad_token_id=pad, disable_compile=True,
         )
         caption = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         if models.moderator is not None:

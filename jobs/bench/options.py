@@ -36,6 +36,7 @@ class BenchOptions:
     shard_size: int | None = None  # default: about four shards, a multiple of the batch size
     workdir: str | None = None  # keeps the checkpoint and images between runs; default: a temp dir
     endpoint_url: str | None = None  # with source s3: this endpoint instead of a loopback one
+    gpus_per_replica: int | None = None  # GPUs the replica (and the model-alone copy) spreads over; default: planned
     seed: int = 0
 
     def command(self) -> str:
@@ -54,7 +55,9 @@ class BenchOptions:
             raise UserError(f"unknown --source {self.source!r}; choose one of: {', '.join(SOURCES)}")
         if self.device is not None and self.device.split(":")[0] not in DEVICES:
             raise UserError(f"unknown --device {self.device!r}; choose one of: {', '.join(DEVICES)}")
-        _check_counts(self, "images", "batch_size", "max_new_tokens", "threads", "naive_images", "shard_size", "repeats")
+        _check_counts(self, "images", "batch_size", "max_new_tokens", "threads", "naive_images", "shard_size", "repeats", "gpus_per_replica")
+        if self.gpus_per_replica is not None and (self.device or "cuda").split(":")[0] != "cuda":
+            raise UserError("--gpus-per-replica is for --device cuda")
         if self.endpoint_url is not None:
             if self.source != "s3":
                 raise UserError("--endpoint-url is for --source s3")

@@ -227,7 +227,7 @@ def test_separate_moderation_replica_and_flagged_counts(sample_images, tiny_llav
     scores = {r["moderation"]["weapons"] for r in rows}
     assert len(scores) > 1 and all(0 < s < 1 for s in scores), "the judge scored each image"
     state = job_status(str(out))
-    assert state.rows_flagged == 12 and state.flagged == {"violence_gore": 12}
+    assert state.rows_flagged == 12 and state.flagged == {"violence_gore": 12, "weapons": 0}
     job = json.loads((out / JOB_FILE).read_text())
     assert job["settings"]["moderation_model"] == judge
     assert job["settings"]["taxonomy_sha256"] == taxonomy.content_hash()

@@ -1,5 +1,7 @@
 """Job config: TOML plus flags, validated once, errors that name the field."""
 
+import os
+
 import pytest
 
 from loupe.schemas.config import DEFAULT_MODEL, JobConfig, load_config
@@ -16,7 +18,8 @@ def test_flags_override_toml(tmp_path):
     job = tmp_path / "job.toml"
     job.write_text('input = "a/"\noutput = "b/"\nbatch-size = 4\nmax_new_tokens = 10\n')
     config = load_config(job, batch_size=16, max_new_tokens=None)
-    assert (config.input, config.batch_size, config.max_new_tokens) == ("a/", 16, 10)
+    # INPUT is kept as the place it names (relative paths from the working directory).
+    assert (config.input, config.batch_size, config.max_new_tokens) == (os.path.abspath("a"), 16, 10)
 
 
 @pytest.mark.parametrize(
@@ -52,7 +55,7 @@ def test_plan_settings_exclude_speed_knobs():
 
 def test_tasks_are_validated_and_canonical():
     assert load_config(input="a", output="b", tasks="moderate, caption").tasks == ("caption", "moderate")
-    assert load_config(input="a", output="b").tasks == ("caption", "moderate", "embed")
+    assert load_config(input="a", output="b").tasks == ("caption", "moderate", "embed", "hash")
     with pytest.raises(UserError, match="invalid option 'tasks': .*unknown task 'translate'"):
         load_config(input="a", output="b", tasks="caption,translate")
 
