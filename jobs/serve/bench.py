@@ -1,0 +1,172 @@
+"""Benchmark: search through `loupe serve` on loopback (p50, p99, requests/s) beside `loupe search` in a fresh process."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from loupe.schemas.errors import UserError
+
+CLIENTS = (1, 8, 32)
+STARTUP_SECONDS = 900  # a large index and two models load before the first answer
+
+
+def bench_serve(
+    output: str,
+    *,
+    query: str = "a red square",
+    k: int = 10,
+    kind: str = "image",
+    clients: Sequence[int] = CLIENTS,
+    requests: int = 200,
+    fresh_runs: int = 3,
+    endpoint_url: str | None = None,
+    log: Callable[[str], None] = lambda line: None,
+) -> dict[str, Any]:
+    """Start `loupe serve OUTPUT` in a child process and time the same text search at each client count.
+
+    Each level sends max(`requests`, 4 x clients) requests over keep-alive connections, one per
+    client thread; latency is per request, requests/s over the level's wall time. `fresh_runs`
+    times `loupe search --json` in a new process for the same query (model and index load each time).
+    """
+    path = "/api/search?" + urllib.parse.urlencode({"q": query, "k": k, "kind": kind})
+    env = os.environ | ({"AWS_ENDPOINT_URL": endpoint_url} if endpoint_url else {})
+    port = _free_port()
+    with tempfile.TemporaryFile() as server_log:
+        started = time.perf_counter()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "loupe.jobs.serve", output, "--port", str(port)],
+            stdout=subprocess.DEVNULL, stderr=server_log, env=env,
+        )
+        try:
+            expected = _wait_until_up(server, port, path, server_log)
+            startup = time.perf_counter() - started
+            log(f"server up in {startup:.1f} s; {len(expected['hits'])} hits per query")
+            levels = []
+            for count in clients:
+                level = measure_clients(port, path, count, max(requests, 4 * count), expected)
+                log(f"{count} clients: p50 {level['p50_ms']:.1f} ms, p99 {level['p99_ms']:.1f} ms, "
+                    f"{level['requests_per_second']:.1f} requests/s")
+                levels.append(level)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    fresh = [_fresh_search(output, query, k, kind, env) for _ in range(fresh_runs)]
+    return {
+        "output": output,
+        "query": query,
+        "k": k,
+        "kind": kind,
+        "server_startup_seconds": round(startup, 2),
+        "levels": levels,
+        "fresh_process_search_seconds": round(float(np.median(fresh)), 2) if fresh else None,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"loupe serve search benchmark: {result['output']}, {result['kind']} index, "
+        f"k={result['k']}, query {result['query']!r}",
+        f"server start (catalog, index and models loaded): {result['server_startup_seconds']:.1f} s",
+        f"{'clients':>8} {'requests':>9} {'p50 ms':>8} {'p99 ms':>8} {'requests/s':>11} {'errors':>7}",
+    ]
+    for level in result["levels"]:
+        lines.append(
+            f"{level['clients']:>8} {level['requests']:>9} {level['p50_ms']:>8.1f} {level['p99_ms']:>8.1f} "
+            f"{level['requests_per_second']:>11.1f} {level['errors']:>7}"
+        )
+    if result["fresh_process_search_seconds"] is not None:
+        lines.append(f"loupe search in a fresh process, same query: {result['fresh_process_search_seconds']:.2f} s")
+    return "\n".join(lines)
+
+
+def measure_clients(port: int, path: str, clients: int, total: int, expected: dict[str, Any]) -> dict[str, Any]:
+    """`total` GETs of `path` on 127.0.0.1:`port` from `clients` threads at once; an answer other than `expected` is an error."""
+    shares = [total // clients + (1 if i < total % clients else 0) for i in range(clients)]
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    gate = threading.Barrier(clients + 1)
+
+    def client(number: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        gate.wait()
+        for _ in range(shares[number]):
+            began = time.perf_counter()
+            try:
+                connection.request("GET", path)
+                response = connection.getresponse()
+                body = response.read()
+                ok = response.status == 200 and json.loads(body) == expected
+            except (OSError, http.client.HTTPException, ValueError):
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+                ok = False
+            latencies[number].append(time.perf_counter() - began)
+            errors[number] += not ok
+        connection.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    gate.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - began
+    times = np.concatenate([np.asarray(t) for t in latencies]) * 1000
+    return {
+        "clients": clients,
+        "requests": int(len(times)),
+        "p50_ms": round(float(np.percentile(times, 50)), 2),
+        "p99_ms": round(float(np.percentile(times, 99)), 2),
+        "requests_per_second": round(len(times) / wall, 1),
+        "errors": int(sum(errors)),
+    }
+
+
+def _wait_until_up(server: subprocess.Popen, port: int, path: str, server_log) -> dict[str, Any]:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            server_log.seek(0)
+            lines = server_log.read().decode(errors="replace").strip().splitlines()
+            raise UserError(f"loupe serve exited with {server.returncode}: {lines[-1] if lines else 'no output'}")
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            connection.request("GET", path)
+            response = connection.getresponse()
+            body = response.read()
+            connection.close()
+            if response.status != 200:
+                raise UserError(f"the benchmark's query was refused: {json.loads(body).get('detail')}")
+            return json.loads(body)
+        except OSError:
+            time.sleep(0.2)
+    raise UserError(f"loupe serve did not answer within {STARTUP_SECONDS} s")
+
+
+def _fresh_search(output: str, query: str, k: int, kind: str, env: dict[str, str]) -> float:
+    began = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "loupe.jobs.cli", "search", output, query, "-k", str(k), "--kind", kind, "--json"],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )
+    return time.perf_counter() - began
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
