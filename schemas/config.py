@@ -164,6 +164,7 @@ class JobConfig(BaseModel):
         """The settings frozen into the job plan (see PLAN_FIELDS), as JSON-ready values."""
         settings: dict[str, Any] = {name: getattr(self, name) for name in PLAN_FIELDS}
         settings["tasks"] = list(self.tasks)
+        settings["quantize"] = self.quantize  # 8-bit or 4-bit weights give other captions and scores
         if self.moderates:
             settings["moderation_model"] = self.judge
             settings["taxonomy_sha256"] = self.taxonomy.content_hash()

@@ -165,7 +165,7 @@ class S3Storage(Storage):
                     if _code(exc) not in ("404", "NoSuchKey"):
                         raise
                 else:
-                    yield ObjectInfo(uri, head["ContentLength"])
+                    yield ObjectInfo(uri, head["ContentLength"], head.get("ETag", "").strip('"'))
                     return
             prefix = _folder(key)
             pages = self.client.get_paginator("list_objects_v2").paginate(
@@ -177,7 +177,7 @@ class S3Storage(Storage):
                     found = True
                     # Zero-byte "folder/" markers from consoles have no local counterpart.
                     if not obj["Key"].endswith("/"):
-                        yield ObjectInfo(f"s3://{bucket}/{obj['Key']}", obj["Size"])
+                        yield ObjectInfo(f"s3://{bucket}/{obj['Key']}", obj["Size"], obj.get("ETag", "").strip('"'))
             if not found and prefix:
                 raise MissingLocation(f"nothing found under {uri}")
 

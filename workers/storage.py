@@ -32,10 +32,11 @@ class TransientError(OSError):
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """One object found by a listing: its full URI and its size in bytes."""
+    """One object found by a listing: its full URI, its size in bytes, and its ETag where the store has one."""
 
     uri: str
     size: int
+    etag: str = ""  # S3's entity tag (content fingerprint); "" for local files
 
 
 class Storage(ABC):

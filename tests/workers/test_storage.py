@@ -18,7 +18,6 @@ from loupe.workers.s3 import MIN_PART_SIZE, S3Storage
 from loupe.workers.storage import (
     LocalStorage,
     MissingLocation,
-    ObjectInfo,
     join_uri,
     open_storage,
 )
@@ -90,18 +89,30 @@ def test_listing_is_paginated_and_streamed(s3_endpoint, s3_client, s3_bucket):
     calls = _counting(storage, "ListObjectsV2")
 
     listing = storage.list(f"s3://{s3_bucket}/p/")
-    assert next(listing) == ObjectInfo(f"s3://{s3_bucket}/p/000.jpg", 1)
+    first = next(listing)
+    assert (first.uri, first.size) == (f"s3://{s3_bucket}/p/000.jpg", 1)
     assert len(calls) == 1  # only the first page has been fetched
     rest = list(listing)
     assert [o.uri for o in rest] == [f"s3://{s3_bucket}/{k}" for k in keys[1:]]
     assert len(calls) == 7 and all(c["MaxKeys"] == 4 for c in calls)
 
 
+def test_s3_listing_carries_each_objects_etag(s3_endpoint, s3_client, s3_bucket):
+    """A rewrite of the same size is told apart by its ETag (the incremental diff reads it)."""
+    s3_client.put_object(Bucket=s3_bucket, Key="a.jpg", Body=b"xx")
+    storage = S3Storage(endpoint_url=s3_endpoint)
+    (before,) = storage.list(f"s3://{s3_bucket}/")
+    s3_client.put_object(Bucket=s3_bucket, Key="a.jpg", Body=b"yy")
+    (after,) = storage.list(f"s3://{s3_bucket}/a.jpg")  # a single object: HeadObject
+    assert before.size == after.size == 2
+    assert before.etag and after.etag and before.etag != after.etag
+
+
 def test_listing_a_single_object_and_folder_semantics(root):
     storage, base = root
     for key in ("d/x.jpg", "d/y.jpg", "d2/z.jpg", "d.jpg"):
         storage.write_bytes(join_uri(base, key), b"12345")
-    assert list(storage.list(join_uri(base, "d/x.jpg"))) == [ObjectInfo(join_uri(base, "d/x.jpg"), 5)]
+    assert [(o.uri, o.size) for o in storage.list(join_uri(base, "d/x.jpg"))] == [(join_uri(base, "d/x.jpg"), 5)]
     # A folder name without its slash is still the folder, not a string prefix ("d2/", "d.jpg").
     assert [o.uri for o in storage.list(join_uri(base, "d"))] == [
         join_uri(base, "d/x.jpg"),
