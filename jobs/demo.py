@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import shlex
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,9 +44,14 @@ def make_sample_images(folder: Path, count: int = 48, seed: int = 0) -> list[Pat
 def run_demo(
     workdir: Path,
     observer_factory: Callable[[], JobObserver],
-    print_summary: Callable[[JobResult], None],
+    print_summary: Callable[[JobResult, JobConfig, float], None],
 ) -> JobResult:
+    from transformers.utils import logging as hf_logging
+
     from loupe.workers.models.random import build_random_model
+
+    began = time.monotonic()
+    hf_logging.disable_progress_bar()
 
     console = Console()
     workdir = workdir.resolve()
@@ -73,18 +80,14 @@ def run_demo(
     console.print(f"captioning, moderating and embedding {images} with 2 replicas on a local Ray cluster")
     with observer_factory() as observer:
         result = run_job(config, observer)
-    print_summary(result)
+    print_summary(result, config, time.monotonic() - began)
     rows = pq.read_table(output / PARTS_DIR, columns=["source_uri", "status", "caption", "flagged_categories"])
     console.print(f"\nParquet parts: {output / PARTS_DIR}  (manifest: {output / MANIFEST_FILE})")
     for row in [r for r in rows.to_pylist() if r["status"] == "ok"][:3]:
         name = row["source_uri"].rsplit("/", 1)[-1]
         flags = ", ".join(row["flagged_categories"] or []) or "none"
         console.print(f"  {name}: {row['caption'][:60]!r}  flagged: {flags}")
-    from transformers.utils import logging as hf_logging
-
     from loupe.jobs.search import search
-
-    hf_logging.disable_progress_bar()
 
     query = "a red ellipse on a blue background"
     console.print(f"\nloupe search {output} {query!r} -k 3 --kind caption")
@@ -95,4 +98,6 @@ def run_demo(
         "For real captions: loupe run INPUT OUTPUT --model llava-hf/llava-1.5-7b-hf "
         "(downloads from the Hugging Face hub, or give a local checkpoint path)."
     )
+    # One unwrapped line, so the command copies whole from a narrow terminal.
+    console.print(f"\nBrowse and search the catalog in a web page: loupe serve {shlex.quote(str(output))}", soft_wrap=True, markup=False)
     return result

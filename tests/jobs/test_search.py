@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from loupe.jobs.indexing import build_output_index, load_index
-from loupe.jobs.search import Hit, search
+from loupe.jobs.search import Hit, open_searcher, search
 from loupe.schemas.errors import UserError
 from loupe.schemas.taxonomy import DEFAULT_TAXONOMY
 from loupe.workers.index import threads
@@ -345,3 +345,48 @@ def test_queries_must_come_from_the_model_that_made_the_index(tmp_path, tiny_cli
     job_file.write_text(json.dumps(job))
     with pytest.raises(UserError, match="index holds vectors of .* but the job now uses"):
         search(output, text="a dog")
+
+
+def test_an_opened_searcher_answers_many_queries_as_search_does_without_reloading(catalog, ivf_catalog, monkeypatch):
+    output, _, _ = catalog
+    searcher = open_searcher(output)
+    ivf = open_searcher(ivf_catalog[0])
+    nprobe = faiss.extract_index_ivf(ivf.index).nprobe
+
+    def no_reload(*args, **kwargs):
+        raise AssertionError("an opened searcher loaded its index or model again")
+
+    expected = {
+        "street": search(output, text="a photo of a street", k=10, exclude_flagged=True),
+        "weapons": search(output, text="a knife", k=7, flagged="weapons_dangerous"),
+        "picture": search(ivf_catalog[0], text="a photo of a cat", k=12, flagged="self_harm"),
+    }
+    for name in ("load_index", "open_storage", "find_job", "find_manifest", "removed_rows"):
+        monkeypatch.setattr(f"loupe.jobs.search.{name}", no_reload)
+    monkeypatch.setattr("loupe.workers.models.embedder.ImageEmbedder.__init__", no_reload)
+    for _ in range(2):  # the second round finds the IVF probe as tuned, not as the first widened it
+        assert searcher.search(text="a photo of a street", k=10, exclude_flagged=True) == expected["street"]
+        assert searcher.search("a knife", k=7, flagged="weapons_dangerous") == expected["weapons"]
+        assert ivf.search(text="a photo of a cat", k=12, flagged="self_harm") == expected["picture"]
+        assert faiss.extract_index_ivf(ivf.index).nprobe == nprobe
+    hits = searcher.search(image_bytes=png(7), k=3)
+    assert hits[0].image_id == f"{QUERY_ROW:032x}" and hits[0].score == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(UserError, match="unknown category 'kittens'"):
+        searcher.search("a dog", flagged="kittens")
+    with pytest.raises(UserError, match="cannot read image upload.png"):
+        searcher.search(image_bytes=b"not a picture", image_name="upload.png")
+
+
+def test_a_partial_job_is_refused_unless_opened_partial(tmp_path, tiny_clip):
+    output = str(tmp_path / "out")
+    write_catalog(output, image_rows(30, unit(np.eye(48)[:30] + 0.1), lambda i: []), image_model=tiny_clip)
+    build_output_index(output, memory_budget=GB)
+    manifest_file = tmp_path / "out" / "_manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["complete"] = False
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="holds a partial job .* finish it with"):
+        search(output, text="a dog")
+    with pytest.raises(UserError, match="holds a partial job"):
+        open_searcher(output)
+    assert len(open_searcher(output, partial=True).search("a dog", k=5)) == 5
