@@ -18,39 +18,36 @@ from loupe.jobs.output import (
     done_shards,
     find_job,
     find_manifest,
-    list_folder,
     read_record,
     sweep_leftovers,
     write_manifest,
     write_record,
 )
 from loupe.jobs.incremental import Growth, grow, index_is_current, index_note, index_record, read_all_plans, removed_entries
-from loupe.jobs.planner import PlanSummary, plan_objects, read_plan, write_plan
 from loupe.jobs.replicas import OUTPUT_UNWRITABLE, connect_ray, size_replicas, start_replicas
 from loupe.jobs.lease import Lease
+from loupe.jobs.preflight import (
+    check_models,
+    clear_output,
+    existing_job,
+    plan_job,
+    preflight,
+    vet_plan,
+    with_match_list,
+)
 from loupe.jobs.scheduler import Scheduler
-from loupe.schemas.config import JobConfig, normalize_location
+from loupe.schemas.config import JobConfig
 from loupe.schemas.codes import TRANSIENT_CODES
 from loupe.schemas.errors import UserError
 from loupe.schemas.layout import (
-    DUPLICATES_FILE,
-    FAILED_DIR,
-    INDEX_DIR,
     JOB_FILE,
-    MANIFEST_FILE,
-    MATCHES_FILE,
-    PARTS_DIR,
     PLAN_FILE,
-    PROPAGATED_FILE,
-    STATS_DIR,
     failed_path,
-    generation_plan_path,
-    removed_path,
     stats_path,
 )
-from loupe.schemas.plan import Shard, ShardKind
+from loupe.schemas.plan import Shard
 from loupe.schemas.records import JobRecord, Manifest, ShardFailure, ShardStats, add_counts
-from loupe.workers.storage import MissingLocation, Storage, join_uri, open_storage
+from loupe.workers.storage import Storage, join_uri, open_storage
 
 
 class JobObserver(Protocol):
@@ -124,14 +121,14 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobResult
     """Run (or resume) a job to the end; a user mistake raises UserError before OUTPUT is touched."""
     observer = observer or _Quiet()
     started = time.time()
-    _preflight(config)
-    config = _with_match_list(config)
+    preflight(config)
+    config = with_match_list(config)
     source = open_storage(config.input, config.endpoint_url)
     sink = open_storage(config.output, config.endpoint_url)
     if config.overwrite or find_job(sink, config.output) is None:
         # A new job: a wrong model is refused before the lease (its first write) touches OUTPUT.
         # A rerun of an existing one checks later, only when there is work to do.
-        _check_models(config)
+        check_models(config)
     # One driver per OUTPUT, from before its first write to after its last.
     with Lease.acquire(sink, config.output) as lease:
         return _run_leased(config, observer, started, source, sink, lease)
@@ -143,18 +140,18 @@ def _run_leased(
     """The job, once this run holds OUTPUT's lease."""
     # Parts an earlier (killed) run was uploading in pieces: never visible, but kept (and billed) until aborted.
     aborted = sink.abort_uploads(config.output)
-    job = _existing_job(config, sink)
+    job = existing_job(config, sink)
     growth: Growth | None = None
     created = job is None
     resources = None
     if job is None:
         with tempfile.TemporaryDirectory(prefix="loupe-plan-") as tmp:
             plan_file = Path(tmp) / PLAN_FILE
-            job = _plan(config, source, plan_file)
+            job = plan_job(config, source, plan_file)
             connect_ray(config.ray_address)
             resources = size_replicas(config)  # before OUTPUT is written: a wrong size leaves none
             if config.overwrite:
-                _clear_output(config.output, sink)
+                clear_output(config.output, sink)
             # Plan first, job record second: a job record always has its plan beside it.
             sink.write_bytes(join_uri(config.output, PLAN_FILE), plan_file.read_bytes())
             if not sink.create_exclusive(join_uri(config.output, JOB_FILE), job.to_json()):
@@ -166,7 +163,7 @@ def _run_leased(
     done -= redo.keys()
     if not created:
         # An existing job: resume it without listing, or (complete) list INPUT and say what changed.
-        growth = grow(config, source, sink, job, done, lambda plan: _vet_plan(config, source, plan))
+        growth = grow(config, source, sink, job, done, lambda plan: vet_plan(config, source, plan))
         job = growth.job
     todo = _queued((shard for shard in read_all_plans(sink, config.output, job) if shard.shard_id not in done), observer)
     outcomes = _Outcomes(sink, config.output, observer, lease)
@@ -174,7 +171,7 @@ def _run_leased(
     if len(done) < job.shards:
         if growth is not None:
             if not growth.listed:
-                _check_models(config)
+                check_models(config)
             connect_ray(config.ray_address)
         resources = resources or size_replicas(config)
         with start_replicas(config, redo, resources) as replicas:
@@ -226,129 +223,6 @@ def index_kinds(config: JobConfig) -> list[str]:
 
 
 # -- plan ------------------------------------------------------------------------------------
-
-
-def _preflight(config: JobConfig) -> None:
-    """Fail in seconds on a wrong endpoint, bucket, credentials or input path.
-
-    The job's own storage retries patiently (throttling mid-listing is no reason to give up);
-    a user's typo should not wait through those retries.
-    """
-    quick = open_storage(config.input, config.endpoint_url, max_attempts=2)
-    next(iter(quick.list(config.input)), None)
-    if "://" not in config.output and Path(config.output).exists() and not Path(config.output).is_dir():
-        raise UserError(f"OUTPUT {config.output} is a file; give a folder (new or a loupe job's) or s3://bucket/prefix/")
-    quick = open_storage(config.output, config.endpoint_url, max_attempts=2)
-    try:
-        next(iter(quick.list(config.output)), None)
-    except MissingLocation:
-        pass  # a new OUTPUT: nothing there yet is what we expect
-
-
-def _with_match_list(config: JobConfig) -> JobConfig:
-    """The config with its --match-list's sha256, the list read and checked here (a malformed line is
-    one UserError naming it) before anything starts; the replicas read it again and compare."""
-    if config.match_list is None:
-        return config
-    from loupe.workers.hashing import read_hash_list
-    from loupe.workers.index.library import faiss  # noqa: F401  (matching needs FAISS: one line without it)
-
-    known = read_hash_list(config.match_list, config.endpoint_url)
-    return config.model_copy(update={"match_list_sha256": known.sha256})
-
-
-def _existing_job(config: JobConfig, sink: Storage) -> JobRecord | None:
-    """The frozen job at OUTPUT if it is this one; refuse another unless asked to overwrite."""
-    job = find_job(sink, config.output)
-    if job is None:
-        return None
-    if config.overwrite:
-        return None  # cleared once the new plan is known to be good
-    wanted = config.plan_settings()
-    for name, value in wanted.items():
-        was = job.settings.get(name)
-        if name == "input" and was is not None and normalize_location(was) == normalize_location(value):
-            continue  # the same place, written another way (a relative path from an older loupe)
-        if was != value:
-            raise UserError(
-                f"{config.output} already holds a different job ({name} was {job.settings.get(name)!r}, "
-                f"now {value!r}); pass --overwrite to replace it or choose another OUTPUT"
-            )
-    return job
-
-
-# Files of an old job beyond its parts and records: later generations' plans and removals,
-# `loupe match` and `loupe dedup` results; their folders are cleared whole.
-_DERIVED_FILES = (MATCHES_FILE, DUPLICATES_FILE, PROPAGATED_FILE, generation_plan_path(2), removed_path(2))
-
-
-def _clear_output(output: str, sink: Storage) -> None:
-    # Job record and manifest first, so nothing half-deleted is ever trusted as a job.
-    for name in (MANIFEST_FILE, JOB_FILE):
-        sink.delete(join_uri(output, name))
-    # Indexes and `loupe match`/`dedup` results too: nothing of the old job may answer for the new one.
-    for folder in (STATS_DIR, FAILED_DIR, PARTS_DIR, INDEX_DIR, *{path.split("/")[0] for path in _DERIVED_FILES}):
-        for obj in list_folder(sink, output, folder):
-            sink.delete(obj.uri)
-    sink.delete(join_uri(output, PLAN_FILE))
-
-
-def _plan(config: JobConfig, source: Storage, plan_file: Path) -> JobRecord:
-    summary = PlanSummary()
-    write_plan(plan_objects(source.list(config.input), config.shard_size, summary), str(plan_file))
-    if summary.objects == 0:
-        ignored = f" ({summary.ignored} other files ignored)" if summary.ignored else ""
-        raise UserError(f"no images, .tar or .parquet files found in {config.input}{ignored}")
-    _check_parquet_column(config, source, plan_file)
-    return JobRecord(
-        settings=config.plan_settings(),
-        listing_sha256=summary.listing_sha256,
-        objects=summary.objects,
-        shards=summary.shards,
-        created_at=_now(),
-    )
-
-
-def _check_parquet_column(config: JobConfig, source: Storage, plan_file: Path) -> None:
-    """Refuse a wrong --image-column up front instead of failing every shard on the cluster."""
-    first = next((s for s in read_plan(str(plan_file)) if s.kind is ShardKind.PARQUET), None)
-    if first is None:
-        return
-    with source.open_seekable(first.uris[0]) as handle:
-        names = pq.ParquetFile(handle).schema_arrow.names
-    if config.image_column not in names:
-        raise UserError(
-            f"image column '{config.image_column}' not in {first.uris[0]} "
-            f"(columns: {', '.join(names)}); choose one with --image-column"
-        )
-
-
-def _check_models(config: JobConfig) -> None:
-    """Each model's config and processor (no weights), before any work is planned or started."""
-    # Imported here: it loads torch (2 s), which a rerun with nothing to do never needs.
-    from loupe.workers.models.loading import check_model, clip_config, text_encoder_config
-
-    # Each model error names the flag that sets the model and how to do without it.
-    checks = []
-    if config.captions:
-        checks.append((check_model, (config.model,), "set it with --model, or leave caption out of --tasks"))
-    if config.moderates and (config.moderation_model or not config.captions):
-        checks.append((check_model, (config.judge,), "set the judge with --moderation-model (default: --model), or leave moderate out of --tasks"))
-    if config.embeds:
-        checks.append((clip_config, (config.image_embedding_model,), "set it with --image-embedding-model, or leave embed out of --tasks"))
-        if config.captions or config.text_column:
-            checks.append((text_encoder_config, (config.text_embedding_model,), "set it with --text-embedding-model, or leave embed out of --tasks"))
-    for check, args, how in checks:
-        try:
-            check(*args)
-        except UserError as exc:
-            raise UserError(f"{exc}; {how}") from None
-
-
-def _vet_plan(config: JobConfig, source: Storage, plan_file: Path) -> None:
-    """A new generation's plan, checked as a new job's is before anything is written."""
-    _check_models(config)
-    _check_parquet_column(config, source, plan_file)
 
 
 def transient_rows(sink: Storage, output: str, done: set[int]) -> dict[int, frozenset[str]]:
