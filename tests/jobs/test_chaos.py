@@ -11,7 +11,10 @@ def test_a_short_chaos_run_ends_in_a_clean_runs_output(ray_cluster, tmp_path):
     print(report.to_dict())
     assert report.rows == 100 and report.rows_lost == 0 and report.duplicates == 0
     assert report.rows_differing == 0, report.notes
-    for fault in ("hung_replicas", "node_lost", "second_driver_refused", "output_full_stops", "plan_oom",
+    # The hang is injected every time; what ends it depends on the schedule: the shard timeout
+    # (hung_replicas), or the node loss or the full-OUTPUT stop reaching that replica first.
+    # Either way the output must equal the clean run's (asserted above).
+    for fault in ("plan_hang", "node_lost", "second_driver_refused", "output_full_stops", "plan_oom",
                   "plan_model_raise", "orphan_multipart_upload"):
         assert report.injected.get(fault, 0) >= 1, (fault, report.injected)
     assert report.injected["rows_retried"] == report.injected["read_failed_rows"] == 3
