@@ -178,7 +178,9 @@ class Lease:
         """Stop renewing and delete the lease if it is still ours (idempotent)."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join()
+            # A renewal in flight ends within its storage call's retries; past the expiry the
+            # lease would be another driver's to take anyway.
+            self._thread.join(timeout=self.record.expiry_s)
         if self._lost is not None:
             return
         try:
