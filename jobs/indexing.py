@@ -18,6 +18,7 @@ from loupe.jobs.output import find_job, read_manifest, write_manifest
 from loupe.schemas.errors import DamagedOutput, UserError
 from loupe.schemas.layout import IDS_FILE, INDEX_FILE, INDEX_RECORD_FILE, index_path
 from loupe.schemas.records import IndexRecord
+from loupe.schemas.rows import text_embedding_column
 from loupe.workers.index.build import as_vectors, build_index
 from loupe.workers.index.choose import choose_index
 from loupe.workers.index.codes import ready_to_add
@@ -27,8 +28,8 @@ from loupe.workers.index.threads import use_cpu_share
 from loupe.workers.index.tune import apply_params
 from loupe.workers.storage import Storage, join_uri, open_storage
 
-# The embedding column each kind of index is built from, and the job setting naming its model.
-KINDS = {"image": "image_embedding", "caption": "caption_embedding"}
+# The kinds of index, and the job setting naming the model that embeds each kind's queries.
+KINDS = ("image", "caption")
 MODEL_SETTINGS = {"image": "image_embedding_model", "caption": "text_embedding_model"}
 READ_BATCH = 16_384
 
@@ -50,7 +51,7 @@ def build_output_index(
     `incremental`, parts that are new since the last build are added to the trained index when
     it still suits the total size (same choose_index result); otherwise it is rebuilt.
     """
-    column = KINDS[_check_kind(kind)]
+    _check_kind(kind)
     use_cpu_share()
     storage = open_storage(output, endpoint_url)
     parts = [dict(p) for p in read_manifest(storage, output).parts]
@@ -62,7 +63,9 @@ def build_output_index(
             f"the job at {output} did not run the embed task, so it has no vectors to index "
             "(rerun it with --tasks including embed)"
         )
-    model = (job.settings if job else {}).get(MODEL_SETTINGS[kind])
+    settings = job.settings if job else {}
+    model = settings.get(MODEL_SETTINGS[kind])
+    column = "image_embedding" if kind == "image" else text_embedding_column(settings.get("text_column"))
     if incremental:
         record = _extend(storage, output, kind, column, parts, memory_budget, model)
         if record is not None:

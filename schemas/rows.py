@@ -55,9 +55,18 @@ def embedding_type(dim: int | None) -> pa.DataType:
     return pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32())
 
 
+def text_embedding_column(text_column: str | None) -> str:
+    """The column holding a job's text vectors: named for what was embedded, the caption or the
+    source text that --text-column names."""
+    return "text_embedding" if text_column else "caption_embedding"
+
+
 @lru_cache(maxsize=8)
 def output_schema(
-    taxonomy: Taxonomy = DEFAULT_TAXONOMY, image_dim: int | None = None, text_dim: int | None = None
+    taxonomy: Taxonomy = DEFAULT_TAXONOMY,
+    image_dim: int | None = None,
+    text_dim: int | None = None,
+    text_column: str | None = None,
 ) -> pa.Schema:
     """The row schema of a job; the moderation struct's fields are the taxonomy's keys.
 
@@ -73,7 +82,7 @@ def output_schema(
             pa.field("moderation_model", pa.string()),
             pa.field("taxonomy_sha256", pa.string()),
             pa.field("image_embedding", embedding_type(image_dim)),
-            pa.field("caption_embedding", embedding_type(text_dim)),
+            pa.field(text_embedding_column(text_column), embedding_type(text_dim)),
             *_HASH_FIELDS,
         ],
         metadata={"loupe.schema_version": "3"},

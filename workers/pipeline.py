@@ -114,6 +114,7 @@ class ShardProcessor:
             config.taxonomy,
             self.image_embedder.dim if self.image_embedder else None,
             self.text_embedder.dim if self.text_embedder else None,
+            config.text_column,
         )
         self._rows = RowBuilder(config)
         # A moderator sharing the captioner's weights and prompt prefix reads the image's keys and
@@ -359,7 +360,7 @@ class ShardProcessor:
         return results
 
     def _embed_texts(self, results: list[Result]) -> None:
-        """Caption embeddings: of the source's own text if --text-column names one, else of the caption."""
+        """Text embeddings: of the source's own text if --text-column names one, else of the caption."""
         if self.text_embedder is None:
             return
         column = self.config.text_column
@@ -368,7 +369,7 @@ class ShardProcessor:
         if present:
             vectors = self.text_embedder.embed_texts([t for _, t in present])
             for (result, _), vector in zip(present, vectors, strict=True):
-                result.caption_embedding = vector
+                result.text_embedding = vector
 
     def _infer(self, batch: _Batch, errors: list[Item], timings: _Timings) -> list[Result]:
         if batch.error is None:

