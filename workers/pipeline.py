@@ -24,8 +24,6 @@ from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from PIL import Image
-
 from loupe.schemas.codes import ErrorCode
 from loupe.schemas.config import JobConfig
 from loupe.schemas.errors import one_line
@@ -36,15 +34,21 @@ from loupe.workers.batching import BUCKET_BATCHES, bucketed, chunked
 from loupe.workers.decode import DecodeError, decode_sized
 from loupe.workers.faults import fault_point
 from loupe.workers.hashing import HASH_DECODE_SIDE, KnownContent, pdq
-from loupe.workers.models.captioner import Captioner
-from loupe.workers.models.devices import device_lost
-from loupe.workers.models.stages import Captioning, ImageEmbedding, ImageStage, Moderating, Stage, TextEmbedding
+from loupe.workers.models.devices import device_lost, out_of_memory
+from loupe.workers.models.job_models import load_job_models, models_decode_side, on_cpu
+from loupe.workers.models.stages import (
+    Captioning,
+    ImageEmbedding,
+    Moderating,
+    TextEmbedding,
+)
 from loupe.workers.reader import read_shard
-from loupe.workers.rows import Item, Result, RowBuilder
 from loupe.workers.retry import merge_retried
+from loupe.workers.rows import Item, Result, RowBuilder
 from loupe.workers.storage import TransientError, open_storage
 from loupe.workers.torch_thread import on_torch_thread
 from loupe.workers.writer import write_part, write_stats
+from PIL import Image
 
 T = TypeVar("T")
 
@@ -104,7 +108,7 @@ class ShardProcessor:
         """Load the models the job's tasks need (over `gpus`, the GPUs torch numbers, where several); tests and remote judges pass their own."""
         self.config = config
         captioner, moderator, image_embedder, text_embedder = on_torch_thread(
-            _load_models, config, device, captioner, moderator, image_embedder, text_embedder, gpus
+            load_job_models, config, device, captioner, moderator, image_embedder, text_embedder, gpus
         )
         self.captioner = captioner if config.captions else None
         self.moderator = moderator if config.moderates else None
@@ -129,7 +133,7 @@ class ShardProcessor:
         # Models on the CPU already use every core with one OpenMP team: preprocessing (torch
         # operators) from another thread would start a second team, so there it takes its turn on
         # the torch thread between batches instead of overlapping them.
-        self._take_turns = _on_cpu(self.captioner, self.moderator, self.image_embedder, self.text_embedder)
+        self._take_turns = on_cpu(self.captioner, self.moderator, self.image_embedder, self.text_embedder)
         self._decode_pool = ThreadPoolExecutor(
             max_workers=decode_threads or min(8, (os.cpu_count() or 2)),
             thread_name_prefix="loupe-decode",
@@ -345,10 +349,10 @@ class ShardProcessor:
         if self.moderator is not None:
             t0 = time.perf_counter()
             if self.moderation_reads_cache:
-                scores = self.moderator.score_encoded(encoded)
+                batch_scores = self.moderator.score_encoded(encoded)
             else:
-                scores = self.moderator.score(batch.moderation_inputs)
-            for result, scores in zip(results, scores, strict=True):
+                batch_scores = self.moderator.score(batch.moderation_inputs)
+            for result, scores in zip(results, batch_scores, strict=True):
                 result.scores = scores
             timings.add("moderate", time.perf_counter() - t0)
         if self.image_embedder is not None:
@@ -378,7 +382,7 @@ class ShardProcessor:
             except Exception as exc:
                 if device_lost(exc):
                     raise  # the CUDA context is unusable: the replica ends, the shard goes elsewhere
-                if _out_of_memory(exc) and len(batch.items) > 1:
+                if out_of_memory(exc) and len(batch.items) > 1:
                     return self._halves(batch.items, errors, timings)
                 if len(batch.items) == 1:
                     raise
@@ -417,47 +421,6 @@ class ShardProcessor:
         return done
 
 
-def _load_models(
-    config: JobConfig,
-    device: str | None,
-    captioner: Captioning | None,
-    moderator: Moderating | None,
-    image_embedder: ImageEmbedding | None,
-    text_embedder: TextEmbedding | None,
-    gpus: list[int] | None = None,
-) -> tuple[Captioning | None, Moderating | None, ImageEmbedding | None, TextEmbedding | None]:
-    """The models the job's tasks need, those not passed in loaded here (on the torch thread)."""
-    if config.captions and captioner is None:
-        captioner = Captioner(
-            config.model,
-            prompt=config.prompt,
-            max_new_tokens=config.max_new_tokens,
-            min_new_tokens=config.min_new_tokens,
-            device=device,
-            gpus=gpus,
-            batch_size=config.batch_size,
-            quantize=config.quantize,
-        )
-    if config.moderates and moderator is None:
-        from loupe.workers.models.moderator import Moderator
-
-        moderator = Moderator(
-            config.judge, config.taxonomy, device=device, share=captioner, gpus=gpus, quantize=config.quantize
-        )
-    if config.embeds:
-        from loupe.workers.models.devices import roomiest_gpu
-        from loupe.workers.models.embedder import ImageEmbedder, TextEmbedder
-        from loupe.workers.models.loading import resolve_text_model
-
-        # Over several GPUs, the embedders go where the captioner left the most memory.
-        device = roomiest_gpu(gpus) if gpus and len(gpus) > 1 else device
-
-        image_embedder = image_embedder or ImageEmbedder(config.image_embedding_model, device=device)
-        if text_embedder is None and (config.captions or config.text_column):
-            text_embedder = TextEmbedder(resolve_text_model(config.text_embedding_model), device=device)
-    return captioner, moderator, image_embedder, text_embedder
-
-
 def _hand_over(batches: queue.Queue, stop: threading.Event, message: Any) -> bool:
     """Put `message` on the queue as soon as there is room; False, dropping it, once `stop` is set."""
     while not stop.is_set():
@@ -467,26 +430,3 @@ def _hand_over(batches: queue.Queue, stop: threading.Event, message: Any) -> boo
         except queue.Full:
             continue
     return False
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    import torch  # loaded already: the models run on it
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError)
-
-
-def _on_cpu(*stages: Stage | None) -> bool:
-    """Whether any of the stages runs torch on the CPU in this process."""
-    return any(stage is not None and stage.device is not None and stage.device.type == "cpu" for stage in stages)
-
-
-def models_decode_side(*stages: ImageStage | None) -> int | None:
-    """The side images can be decoded down to for every stage that reads them; None: decode in full."""
-    sides = []
-    for stage in stages:
-        if stage is None:
-            continue
-        if stage.decode_side is None:
-            return None
-        sides.append(stage.decode_side)
-    return max(sides, default=None)

@@ -237,3 +237,9 @@ def pin_in_dtype(inputs: Any, dtype: torch.dtype) -> None:
     for key, value in list(inputs.items()):
         if isinstance(value, torch.Tensor):
             inputs[key] = (value.to(dtype) if value.is_floating_point() else value).pin_memory()
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    import torch  # loaded already: the models run on it
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
