@@ -24,7 +24,8 @@ from loupe.jobs.output import (
     write_record,
 )
 from loupe.jobs.incremental import Growth, grow, index_is_current, index_note, index_record, read_all_plans, removed_entries
-from loupe.jobs.replicas import OUTPUT_UNWRITABLE, connect_ray, size_replicas, start_replicas
+from loupe.jobs.replicas import OUTPUT_UNWRITABLE, connect_ray, start_replicas
+from loupe.jobs.sizing import size_replicas
 from loupe.jobs.lease import Lease
 from loupe.jobs.preflight import (
     check_models,

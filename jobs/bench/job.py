@@ -204,7 +204,8 @@ def _connected_ray(config: JobConfig, device: torch.device, threads: int | None)
     down at the end if started here.
     """
     import ray
-    from loupe.jobs.replicas import connect_ray, size_replicas
+    from loupe.jobs.replicas import connect_ray
+    from loupe.jobs.sizing import size_replicas
 
     own = not os.environ.get("RAY_ADDRESS")
     gpus = 0 if own and device.type == "cpu" else None

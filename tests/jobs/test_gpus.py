@@ -149,7 +149,8 @@ def _stubbed_load(record: str, fail_once: str | None = None):
 
         import torch
 
-        import loupe.workers.pipeline as pipeline
+        from loupe.workers import pipeline
+        from loupe.workers.models import job_models
 
         class Recorder:
             device = None
@@ -175,7 +176,7 @@ def _stubbed_load(record: str, fail_once: str | None = None):
                         raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
                 return ["a caption"] * count
 
-        pipeline.Captioner = Recorder
+        job_models.Captioner = Recorder
         return pipeline.ShardProcessor(config, **kwargs)
 
     return make
@@ -190,7 +191,8 @@ def _records(folder):
 def test_two_gpus_per_replica_each_captioner_gets_its_own_two(four_gpu_node, sample_images, tmp_path):
     import ray
 
-    from loupe.jobs.replicas import RayReplicas, size_replicas
+    from loupe.jobs.replicas import RayReplicas
+    from loupe.jobs.sizing import size_replicas
 
     config = JobConfig(input=str(sample_images), output=str(tmp_path / "out"), model="m", tasks="caption", gpus_per_replica=2)
     resources = size_replicas(config)
@@ -237,7 +239,8 @@ def test_a_lost_gpu_context_ends_the_replica_and_the_shard_completes_elsewhere(f
     import ray
 
     from loupe.jobs.planner import plan_shards
-    from loupe.jobs.replicas import RayReplicas, size_replicas
+    from loupe.jobs.replicas import RayReplicas
+    from loupe.jobs.sizing import size_replicas
     from loupe.jobs.scheduler import Scheduler
     from loupe.workers.storage import open_storage
 
@@ -344,7 +347,7 @@ def test_the_summary_says_which_half_precision():
 
 
 def test_quantize_on_a_cluster_without_gpus_is_refused_in_one_line(ray_cluster):
-    from loupe.jobs.replicas import size_replicas
+    from loupe.jobs.sizing import size_replicas
 
     with pytest.raises(UserError) as refused:
         size_replicas(JobConfig(input="i", output="o", model="m", quantize="4bit"))
@@ -371,7 +374,7 @@ def test_gpu_replicas_get_cpus_threads_and_a_memory_cap_by_their_share(monkeypat
     import ray
 
     from loupe.jobs.gpus import GpuPlan
-    from loupe.jobs.replicas import replica_resources
+    from loupe.jobs.sizing import replica_resources
 
     node = {"CPU": 32.0, "GPU": 8.0}
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": node}])

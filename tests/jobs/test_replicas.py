@@ -2,8 +2,9 @@
 
 import pytest
 
-from loupe.jobs.replicas import connect_ray, replica_resources
+from loupe.jobs.replicas import connect_ray
 from loupe.jobs.scheduler import SHARDS_PER_REPLICA
+from loupe.jobs.sizing import replica_resources
 from loupe.schemas.config import JobConfig
 
 
