@@ -195,6 +195,8 @@ def print_summary(result: Any, config: Any, seconds: float) -> None:
         table.add_row("nodes", str(len(result.nodes)))
     for failure in result.failures:
         table.add_row("[red]failed shard", f"{failure.shard_id}: {failure.error}")
+    if result.uploads_aborted:  # news only when an earlier run was killed mid-upload
+        table.add_row("S3 uploads", f"{result.uploads_aborted} unfinished from an earlier run, aborted")
     if result.hung_replicas:  # news only when a replica hung
         table.add_row("hung replicas", f"{result.hung_replicas} restarted; shard timeout {result.shard_timeout}")
     for kind, record in result.indexes.items():

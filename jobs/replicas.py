@@ -19,10 +19,13 @@ from loupe.schemas.records import ShardStats
 from loupe.workers.faults import ENV as FAULTS_ENV
 from loupe.workers.models.devices import device_lost  # no torch at import
 from loupe.workers.models.stages import Moderating
+from loupe.workers.storage import PART_SIZE_ENV
 
 # Loading a model may download it first; a replica not up after this long will not come up
 # (typically: more replicas than the cluster has GPUs for, left pending by Ray).
 REPLICA_START_TIMEOUT_S = 3600.0
+# Settings the replicas read from their environment: a fault plan (tests, chaos runs) and S3's part size.
+FORWARDED_SETTINGS = (FAULTS_ENV, PART_SIZE_ENV)
 # OSErrors writing OUTPUT that every shard would meet alike: the job stops at the first.
 OUTPUT_UNWRITABLE = {errno.ENOSPC: "OUTPUT is full", errno.EDQUOT: "OUTPUT's quota is used up", errno.EROFS: "OUTPUT is read-only"}
 
@@ -225,9 +228,10 @@ class RayReplicas:
         self.actors: list[Any] = []
         # No CPU reserved: it only adds numbers, and must never keep a replica from starting.
         self.counter = ray.remote(ProgressCounter).options(num_cpus=0).remote()
-        if os.environ.get(FAULTS_ENV):
-            # A fault plan (tests, chaos runs) reaches the replicas however the cluster was started.
-            env = {"env_vars": {FAULTS_ENV: os.environ[FAULTS_ENV]}}
+        forwarded = {name: os.environ[name] for name in FORWARDED_SETTINGS if os.environ.get(name)}
+        if forwarded:
+            # Set where `loupe run` runs, they reach the replicas however the cluster was started.
+            env = {"env_vars": forwarded}
             resources = replace(
                 resources, options={**resources.options, "runtime_env": env}, judge_options={**resources.judge_options, "runtime_env": env}
             )

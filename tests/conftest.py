@@ -8,6 +8,8 @@ import uuid
 
 import pytest
 
+pytest.register_assert_rewrite("tests.jobs.outputs")  # shared assertions keep pytest's explanations
+
 # Credentials for the loopback S3 endpoint. Set before anything starts so that Ray workers,
 # which inherit this process's environment, see them too.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "loupe-test")
@@ -108,3 +110,21 @@ def tiny_clip(tmp_path_factory):
     from loupe.workers.models.random import build_random_model
 
     return str(build_random_model(tmp_path_factory.mktemp("tiny-clip"), "clip", "tiny"))
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """FAISS on one thread for a module (use with pytestmark): small indexes build and search
+    faster on one, OpenMP's spinning threads starve when other test runs share the cores, and
+    build_output_index and load_index, which size FAISS's pool to this process's CPUs, find a
+    share of one."""
+    import faiss
+
+    from loupe.workers.index import threads
+
+    count = faiss.omp_get_max_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(threads, "cpu_share", lambda: 1)
+        faiss.omp_set_num_threads(1)
+        yield
+    faiss.omp_set_num_threads(count)

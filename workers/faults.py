@@ -3,7 +3,8 @@
 The plan is JSON, a list of rules such as
     [{"point": "model", "action": "hang", "match": "scene-03", "seconds": 600, "token": "/tmp/t/hang"}]
 Each rule fires at its `point` ("read": one image fetched; "model": one batch about to run;
-"write": a part about to be written) when `match` is a substring of one of the point's URIs and
+"write": a part about to be written; "upload_part": one part of an S3 multipart upload sent, the
+upload still open) when `match` is a substring of one of the point's URIs and
 the batch has at least `min_batch` images. `token` makes a rule fire at most `times` times over
 every process of a job (each firing creates `token.N` exclusively); without one it fires every
 time. Actions: "hang" (sleep `seconds`), "oom" (torch.cuda.OutOfMemoryError), "raise"
@@ -24,7 +25,7 @@ from loupe.schemas.errors import UserError
 from loupe.workers.storage import TransientError
 
 ENV = "LOUPE_FAULTS"
-POINTS = ("read", "model", "write")
+POINTS = ("read", "model", "write", "upload_part")
 ACTIONS = ("hang", "oom", "raise", "read_failed", "enospc", "erofs")
 
 
@@ -75,6 +76,13 @@ def parse_plan(text: str) -> tuple[FaultRule, ...]:
 @lru_cache(maxsize=4)
 def _plan(text: str) -> tuple[FaultRule, ...]:
     return parse_plan(text)
+
+
+def planned(point: str) -> bool:
+    """Whether the plan in force has a rule for `point` (code whose fault point costs more than an
+    environment lookup, such as a storage client hook, is set up only then)."""
+    text = os.environ.get(ENV)
+    return bool(text) and any(rule.point == point for rule in _plan(text))
 
 
 def fault_point(point: str, uris: Iterable[str]) -> None:

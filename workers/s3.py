@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import http.client
 import io
+import os
 import random
 import threading
 import time
@@ -21,13 +22,15 @@ from botocore.exceptions import ConnectionError as EndpointUnreachable  # refuse
 from botocore.exceptions import NoCredentialsError, PartialCredentialsError
 
 from loupe.schemas.errors import UserError, one_line
-from loupe.workers.storage import AccessDenied, MissingLocation, ObjectInfo, Storage, TransientError
+from loupe.workers.faults import fault_point, planned
+from loupe.workers.storage import PART_SIZE_ENV, AccessDenied, MissingLocation, ObjectInfo, Storage, TransientError
 
 T = TypeVar("T")
 
 MiB = 1 << 20
 MULTIPART_THRESHOLD = 64 * MiB  # below it, write_bytes is one PUT; at or above, parts of this size
 MIN_PART_SIZE = 5 * MiB  # S3's smallest part (but the last)
+MAX_PART_SIZE = 5 * 1024 * MiB  # S3's largest part
 READ_AHEAD = 1 * MiB  # open_seekable's buffer: Parquet footers and page headers are small reads
 READ_CHUNK = 1 * MiB  # a whole-object read takes the body this much at a time, resumable between
 
@@ -80,13 +83,38 @@ def _code(exc: ClientError) -> str:
     return exc.response.get("Error", {}).get("Code", "")
 
 
+def part_size_setting() -> int:
+    """The multipart threshold and part size in bytes: LOUPE_S3_PART_MIB when set, else
+    MULTIPART_THRESHOLD; UserError (one line) for a value that is no part size S3 takes."""
+    text = os.environ.get(PART_SIZE_ENV, "").strip()
+    if not text:
+        return MULTIPART_THRESHOLD
+    mib = int(text) if text.isascii() and text.isdigit() else 0
+    if not MIN_PART_SIZE <= mib * MiB <= MAX_PART_SIZE:
+        raise UserError(
+            f"{PART_SIZE_ENV} must be a whole number of MiB from {MIN_PART_SIZE // MiB} (S3's smallest part)"
+            f" to {MAX_PART_SIZE // MiB} (its largest), not {text[:40]!r}"
+        )
+    return mib * MiB
+
+
+def _name_part(params: dict, context: dict, **_) -> None:
+    context["loupe_uri"] = f"s3://{params.get('Bucket')}/{params.get('Key')}"
+
+
+def _part_sent(http_response, context: dict, **_) -> None:
+    if http_response is not None and http_response.status_code == 200:
+        fault_point("upload_part", [context.get("loupe_uri", "")])
+
+
 class S3Storage(Storage):
     """S3 or any S3-compatible store (MinIO, Ceph, R2, ...), through one lazily made boto3 client.
 
     Requests are retried by botocore ("standard" mode, `max_attempts`); reading a body is not, so
     a read of one object resumes after a cut body or dropped connection until it has met
     `read_attempts` such faults, backing off exponentially (`backoff_s` doubling up to
-    `backoff_cap_s`) with full jitter.
+    `backoff_cap_s`) with full jitter. Writes of `multipart_threshold` bytes or more (by default
+    LOUPE_S3_PART_MIB, else MULTIPART_THRESHOLD) go up in parts of that size.
     """
 
     def __init__(
@@ -96,11 +124,13 @@ class S3Storage(Storage):
         page_size: int = 1000,
         max_attempts: int = 10,
         max_pool_connections: int = 32,
-        multipart_threshold: int = MULTIPART_THRESHOLD,
+        multipart_threshold: int | None = None,
         read_attempts: int = 5,
         backoff_s: float = 0.2,
         backoff_cap_s: float = 10.0,
     ) -> None:
+        if multipart_threshold is None:
+            multipart_threshold = part_size_setting()
         if multipart_threshold < MIN_PART_SIZE:
             raise ValueError(f"multipart_threshold must be at least {MIN_PART_SIZE} (S3's smallest part)")
         if read_attempts < 1:
@@ -129,6 +159,9 @@ class S3Storage(Storage):
                 self._client = boto3.session.Session().client(
                     "s3", endpoint_url=self.endpoint_url, config=config
                 )
+                if planned("upload_part"):  # a fault plan (tests): hold an upload after one of its parts
+                    self._client.meta.events.register("before-parameter-build.s3.UploadPart", _name_part)
+                    self._client.meta.events.register("after-call.s3.UploadPart", _part_sent)
             return self._client
 
     @contextlib.contextmanager

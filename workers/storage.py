@@ -15,6 +15,10 @@ from typing import BinaryIO
 
 from loupe.schemas.errors import UserError
 
+# S3's multipart threshold and part size in MiB, when not s3.MULTIPART_THRESHOLD; named here, with
+# no boto3 import, because the driver forwards it to the replicas.
+PART_SIZE_ENV = "LOUPE_S3_PART_MIB"
+
 
 class MissingLocation(UserError):
     """A listed folder or prefix that does not exist (unlike a missing bucket or a refused request)."""

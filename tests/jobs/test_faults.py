@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import threading
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from loupe.jobs.lease import LeaseHeld
-from loupe.jobs.output import read_manifest
 from loupe.jobs.runner import run_job
 from loupe.jobs.scheduler import JobStopped
 from loupe.schemas.config import JobConfig
 from loupe.schemas.layout import FAILED_DIR, LEASE_FILE, MANIFEST_FILE, STATS_DIR
 from loupe.schemas.records import Manifest, ShardStats
 from loupe.workers.faults import ENV
-from loupe.workers.storage import join_uri, open_storage
 
 from loupe.jobs.bench.faulty_s3 import (
     DELAY,
@@ -28,6 +23,7 @@ from loupe.jobs.bench.faulty_s3 import (
     SLOWDOWN,
     FaultyS3,
 )
+from tests.jobs.outputs import assert_same, rows_of
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -38,40 +34,6 @@ def config(input, output, model, **kw) -> JobConfig:
         tasks="caption,moderate",
     )
     return JobConfig(**(settings | kw))
-
-
-def rows_of(output: Path | str, endpoint: str | None = None) -> list[tuple]:
-    """What a job found, comparable between runs: id, status, code, caption, shard, then the scores.
-
-    Also checks the manifest: complete, one part per shard, each part's rows and sha256 as listed.
-    """
-    storage = open_storage(str(output), endpoint)
-    manifest = read_manifest(storage, str(output))
-    assert manifest.complete and len(manifest.parts) == manifest.shards_total
-    assert [p["shard_id"] for p in manifest.parts] == list(range(manifest.shards_total))
-    rows = []
-    for part in manifest.parts:
-        data = storage.read_bytes(join_uri(str(output), part["path"]))
-        assert hashlib.sha256(data).hexdigest() == part["sha256"]
-        table = pq.read_table(io.BytesIO(data))
-        assert table.num_rows == part["rows"]
-        rows += table.to_pylist()
-    return sorted((r["image_id"], r["status"], r["error_code"], r["caption"], r["shard_id"], r["moderation"]) for r in rows)
-
-
-# Moderation scores of one image move by up to this much with the batch it is scored in (tiny
-# random-weight model; see docs/reliability.md): a fault that changes batches may move them.
-SCORE_TOLERANCE = 0.02
-
-
-def assert_same(rows: list[tuple], clean: list[tuple], exact_scores: bool = True) -> None:
-    """Equal rows; scores exactly, or within SCORE_TOLERANCE where the fault changed the batches."""
-    assert [r[:5] for r in rows] == [r[:5] for r in clean]
-    for row, want in zip(rows, clean, strict=True):
-        if row[5] is None or want[5] is None or exact_scores:
-            assert row[5] == want[5], row[0]
-        else:
-            assert max(abs(row[5][k] - want[5][k]) for k in want[5]) <= SCORE_TOLERANCE, (row[0], row[5], want[5])
 
 
 def stats_of(output: Path) -> list[ShardStats]:
