@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from loupe.jobs.output import write_record
+from loupe.jobs.output import find_manifest, write_record
 from loupe.jobs.planner import (
     PLAN_BATCH_ROWS,
     Listed,
@@ -28,10 +28,9 @@ from loupe.jobs.planner import (
 from loupe.schemas.config import JobConfig
 from loupe.schemas.errors import DamagedOutput
 from loupe.schemas.layout import (
-    INDEX_RECORD_FILE,
     JOB_FILE,
     generation_plan_path,
-    index_path,
+    registered_index_files,
     removed_path,
     shard_id_of_part,
 )
@@ -391,9 +390,13 @@ def removed_rows(sink: Storage, output: str, manifest: Manifest | None) -> Remov
 
 
 def index_record(sink: Storage, output: str, kind: str) -> IndexRecord | None:
-    """The `kind` index's record as last written, or None (never built, or unreadable: rebuilt anyway)."""
-    uri = join_uri(output, index_path(kind, INDEX_RECORD_FILE))
+    """The record of the `kind` index the manifest names, or None (none registered, or unreadable: rebuilt anyway)."""
     try:
+        manifest = find_manifest(sink, output)
+        entry = manifest.index.get(kind) if manifest is not None else None
+        if not entry:
+            return None
+        uri = join_uri(output, registered_index_files(kind, entry)[2])
         return IndexRecord.from_json(sink.read_bytes(uri), source=uri)
     except (FileNotFoundError, NotADirectoryError, MissingLocation, DamagedOutput):
         return None

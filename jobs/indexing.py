@@ -1,4 +1,4 @@
-"""OUTPUT <-> index: the parts' vectors streamed in, index/{kind}/ written and registered, loaded sha-checked."""
+"""OUTPUT <-> index: the parts' vectors streamed in, a numbered build under index/{kind}/ written and registered, loaded sha-checked."""
 
 from __future__ import annotations
 
@@ -14,9 +14,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loupe.jobs.output import find_job, read_manifest, write_manifest
+from loupe.jobs.output import find_job, list_folder, read_manifest, write_manifest
 from loupe.schemas.errors import DamagedOutput, UserError
-from loupe.schemas.layout import IDS_FILE, INDEX_FILE, INDEX_RECORD_FILE, index_path
+from loupe.schemas.layout import (
+    IDS_FILE,
+    INDEX_FILE,
+    INDEX_RECORD_FILE,
+    index_build_of,
+    index_build_path,
+    index_path,
+    registered_index_files,
+)
 from loupe.schemas.records import IndexRecord
 from loupe.schemas.rows import text_embedding_column
 from loupe.workers.index.build import as_vectors, build_index
@@ -32,6 +40,12 @@ from loupe.workers.storage import Storage, join_uri, open_storage
 KINDS = ("image", "caption")
 MODEL_SETTINGS = {"image": "image_embedding_model", "caption": "text_embedding_model"}
 READ_BATCH = 16_384
+# A build's claim on its number, taken exclusively under its record's name before anything else
+# is written, and replaced by the record once the index and the id map are in place.
+_CLAIM = b'{"building": true}\n'
+_CLAIM_ATTEMPTS = 100
+# A reader whose manifest's files were removed by builds since re-reads the manifest this often.
+_LOAD_ATTEMPTS = 3
 
 
 def build_output_index(
@@ -46,8 +60,10 @@ def build_output_index(
 ) -> IndexRecord:
     """Index the `kind` embeddings of every part in OUTPUT's manifest under OUTPUT/index/{kind}/.
 
-    Writes index.faiss, ids.parquet (faiss id -> image_id, part, row) and index.json, then adds
-    {"index": {kind: {"path", "sha256", "vectors", "record"}}} to _manifest.json. With
+    Writes a new numbered build, build-NNNNN.index.faiss, .ids.parquet (faiss id -> image_id,
+    part, row) and .index.json, then points _manifest.json at it in one write:
+    {"index": {kind: {"path", "sha256", "vectors", "record", "ids"}}}; then removes the builds
+    no reader needs any more (see _sweep). With
     `incremental`, parts that are new since the last build are added to the trained index when
     it still suits the total size (same choose_index result); otherwise it is rebuilt.
     """
@@ -97,21 +113,19 @@ def load_index(
 ) -> tuple[faiss.Index, IdMap, IndexRecord]:
     """The index of `kind` with its id map and record, search parameters applied.
 
-    The index file's sha256 must equal both index.json's and the manifest's before faiss parses
-    a byte of it (faiss.read_index on a crafted file can corrupt memory).
+    Exactly the files the manifest names are opened. The index file's sha256 must equal both
+    its record's and the manifest's before faiss parses a byte of it (faiss.read_index on a
+    crafted file can corrupt memory).
     """
     use_cpu_share()
-    return _load(open_storage(output, endpoint_url), output, kind, require_manifest_entry=True)
+    index, ids, record, _ = _load(open_storage(output, endpoint_url), output, kind)
+    return index, ids, record
 
 
 def _check_kind(kind: str) -> str:
     if kind not in KINDS:
         raise UserError(f"unknown index kind {kind!r}; choose one of: {', '.join(KINDS)}")
     return kind
-
-
-def _folder(output: str, kind: str) -> str:
-    return join_uri(output, index_path(_check_kind(kind)))
 
 
 def _indexed_parts(parts: list[dict[str, Any]], vectors: list[int]) -> list[dict[str, Any]]:
@@ -218,20 +232,18 @@ def _extend(
     budget: int,
     model: str | None,
 ) -> IndexRecord | None:
-    """Add the new parts' vectors to the existing index, or None when a full rebuild is needed."""
-    if not storage.exists(join_uri(_folder(output, kind), INDEX_RECORD_FILE)):
-        return None
+    """Add the new parts' vectors to the registered index, or None when a full rebuild is needed."""
     try:
-        index, ids, record = _load(storage, output, kind, require_manifest_entry=False)
+        index, ids, record, files = _load(storage, output, kind)
     except (UserError, DamagedOutput):
-        return None  # damaged or stale: rebuild from the parts
+        return None  # none registered, damaged or stale: rebuild from the parts
     indexed = {(p["path"], p["sha256"]) for p in record.parts}
     current = {(p["path"], p.get("sha256", "")) for p in parts}
     if not indexed <= current or record.model != model:
         return None  # a part was rewritten or removed, or another model made the vectors
     new_parts = [p for p in parts if (p["path"], p.get("sha256", "")) not in indexed]
     if not new_parts:
-        _register(storage, output, kind, record)
+        _sweep(storage, output, kind, index_build_of(files[0]) or 0, keep=set(files))  # a killed build's leftovers
         return record
     estimate = record.vectors + sum(int(p.get("rows", 0)) for p in new_parts)
     try:
@@ -268,65 +280,107 @@ def _extend(
 def _save(
     storage: Storage, output: str, kind: str, index: faiss.Index, record: IndexRecord, ids_path: str
 ) -> None:
-    folder = _folder(output, kind)
+    build = _claim_build(storage, output, kind)
+    files = tuple(index_build_path(kind, build, name) for name in (INDEX_FILE, IDS_FILE, INDEX_RECORD_FILE))
     data = faiss.serialize_index(index).tobytes()
     record.index_sha256 = hashlib.sha256(data).hexdigest()
     record.index_bytes = len(data)
-    storage.write_bytes(join_uri(folder, INDEX_FILE), data)
+    storage.write_bytes(join_uri(output, files[0]), data)
     del data
     with open(ids_path, "rb") as handle:
         ids = handle.read()
     record.ids_sha256 = hashlib.sha256(ids).hexdigest()
-    storage.write_bytes(join_uri(folder, IDS_FILE), ids)
+    storage.write_bytes(join_uri(output, files[1]), ids)
     del ids
     # The record after the files it describes, and the manifest last: readers trust the manifest.
-    storage.write_bytes(join_uri(folder, INDEX_RECORD_FILE), record.to_json())
-    _register(storage, output, kind, record)
+    storage.write_bytes(join_uri(output, files[2]), record.to_json())
+    _register(storage, output, kind, record, files, build)
 
 
-def _register(storage: Storage, output: str, kind: str, record: IndexRecord) -> None:
+def _claim_build(storage: Storage, output: str, kind: str) -> int:
+    """A build number above every build in the folder, claimed exclusively: two builds never
+    write the same file, and a killed build's number is never reused."""
+    built = (index_build_of(obj.uri) for obj in list_folder(storage, output, index_path(kind)))
+    build = max((number for number in built if number is not None), default=0)
+    for _ in range(_CLAIM_ATTEMPTS):
+        build += 1
+        if storage.create_exclusive(join_uri(output, index_build_path(kind, build, INDEX_RECORD_FILE)), _CLAIM):
+            return build
+    raise UserError(
+        f"{_CLAIM_ATTEMPTS} {kind} index build numbers in {join_uri(output, index_path(kind))} were taken "
+        "meanwhile: is another loupe index running on this OUTPUT?"
+    )
+
+
+def _register(
+    storage: Storage, output: str, kind: str, record: IndexRecord, files: tuple[str, ...], build: int
+) -> None:
+    """Point the manifest at the build's files in one write, then remove what no reader needs."""
     manifest = read_manifest(storage, output)
+    previous = manifest.index.get(kind)
     manifest.index[kind] = {
-        "path": index_path(kind, INDEX_FILE),
+        "path": files[0],
         "sha256": record.index_sha256,
         "vectors": record.vectors,
-        "record": index_path(kind, INDEX_RECORD_FILE),
+        "record": files[2],
+        "ids": files[1],
     }
     write_manifest(storage, output, manifest)
+    keep = set(files) | (set(registered_index_files(kind, previous)) if previous else set())
+    _sweep(storage, output, kind, build, keep)
 
 
-def _load(
-    storage: Storage, output: str, kind: str, *, require_manifest_entry: bool
-) -> tuple[faiss.Index, IdMap, IndexRecord]:
-    folder = _folder(output, kind)
+def _sweep(storage: Storage, output: str, kind: str, build: int, keep: set[str]) -> None:
+    """Delete the `kind` index files that no manifest names any more.
+
+    Kept: the files of the manifest just written and of the one it replaced, because a reader
+    that read the replaced manifest a moment ago is opening those now (one that read an even
+    older one re-reads the manifest when its files are gone, see _load); and builds numbered
+    above `build`, which another build started since may still be writing. Deleted: older
+    builds, the leftovers of killed builds (never registered), the fixed-name files of the
+    layout before builds were numbered once no manifest in reach names them, local temp files.
+    """
+    for obj in list_folder(storage, output, index_path(kind)):
+        number = index_build_of(obj.uri)
+        if any(obj.uri.endswith("/" + path) for path in keep) or (number is not None and number > build):
+            continue
+        storage.delete(obj.uri)
+
+
+def _load(storage: Storage, output: str, kind: str) -> tuple[faiss.Index, IdMap, IndexRecord, tuple[str, ...]]:
     missing = UserError(
-        f"no {kind} index in {output}; run loupe index {output}"
+        f"no {_check_kind(kind)} index in {output}; run loupe index {output}"
         + ("" if kind == "image" else f" --kind {kind}")
     )
     entry = read_manifest(storage, output).index.get(kind)
-    if require_manifest_entry and entry is None:
-        raise missing
-    record_uri = join_uri(folder, INDEX_RECORD_FILE)
-    try:
-        raw_record = storage.read_bytes(record_uri)
-        data = storage.read_bytes(join_uri(folder, INDEX_FILE))
-        ids = storage.read_bytes(join_uri(folder, IDS_FILE))
-    except FileNotFoundError:
-        raise missing from None
+    for attempt in range(_LOAD_ATTEMPTS):
+        if entry is None:
+            raise missing
+        files = registered_index_files(kind, entry)
+        try:
+            data, ids, raw_record = (storage.read_bytes(join_uri(output, path)) for path in files)
+            break
+        except FileNotFoundError:
+            # Builds registered since this manifest was read have removed its files: the
+            # manifest now names newer ones.
+            newer = read_manifest(storage, output).index.get(kind)
+            if newer == entry or attempt + 1 == _LOAD_ATTEMPTS:
+                raise missing from None
+            entry = newer
+    index_uri, ids_uri, record_uri = (join_uri(output, path) for path in files)
     try:
         record = IndexRecord.from_json(raw_record, source=record_uri)
     except DamagedOutput as exc:
         raise DamagedOutput(f"{exc}; rebuild it with loupe index {output}") from None
     digest = hashlib.sha256(data).hexdigest()
-    expected = {record.index_sha256} | ({entry.get("sha256")} if entry is not None else set())
-    if expected != {digest}:
+    if {record.index_sha256, entry.get("sha256")} != {digest}:
         raise DamagedOutput(
-            f"{join_uri(folder, INDEX_FILE)} does not match its recorded sha256 (modified or truncated); "
+            f"{index_uri} does not match its recorded sha256 (modified or truncated); "
             f"refusing to load it; rebuild it with loupe index {output}"
         )
     if hashlib.sha256(ids).hexdigest() != record.ids_sha256:
         raise DamagedOutput(
-            f"{join_uri(folder, IDS_FILE)} does not match its recorded sha256 (modified or truncated); "
+            f"{ids_uri} does not match its recorded sha256 (modified or truncated); "
             f"rebuild it with loupe index {output}"
         )
     index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
@@ -337,4 +391,4 @@ def _load(
             f"the {kind} index in {output} is inconsistent with its record; rebuild it with loupe index {output}"
         )
     apply_params(index, record.params)
-    return index, id_map, record
+    return index, id_map, record, files

@@ -51,6 +51,32 @@ def index_path(kind: str, name: str = "") -> str:
     return f"{INDEX_DIR}/{kind}/{name}" if name else f"{INDEX_DIR}/{kind}"
 
 
+_INDEX_BUILD = re.compile(r"build-(\d+)\.")
+
+
+def index_build_path(kind: str, build: int, name: str) -> str:
+    """A file of one numbered build of the `kind` index (index/{kind}/build-NNNNN.{name}).
+
+    Every build writes new names and the manifest names them: a reader holding an older
+    manifest still finds the very files it names, never a newer index under the same name.
+    """
+    return index_path(kind, f"build-{build:05d}.{name}")
+
+
+def index_build_of(path: str) -> int | None:
+    """The build number in an index file's name (or its local temp file's); None for the fixed
+    names (index.faiss, ids.parquet, index.json) of catalogs written before builds were numbered."""
+    match = _INDEX_BUILD.search(path.rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
+def registered_index_files(kind: str, entry: dict) -> tuple[str, str, str]:
+    """The (index, ids, record) paths a manifest's index entry names. Entries written before
+    builds were numbered name no "ids": theirs is the fixed ids.parquet beside the index."""
+    ids = entry.get("ids") or index_path(kind, IDS_FILE)
+    return entry["path"], ids, entry.get("record") or index_path(kind, INDEX_RECORD_FILE)
+
+
 _RECORD_NAME = re.compile(r"shard-(\d+)\.json")
 
 

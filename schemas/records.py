@@ -121,7 +121,7 @@ class Manifest(Record):
     listing_sha256: str
     written_at: str
     loupe_format: int = FORMAT_VERSION
-    index: dict[str, Any] = field(default_factory=dict)  # kind -> {"path", "sha256", "vectors", "record"}, added by `loupe index`
+    index: dict[str, Any] = field(default_factory=dict)  # kind -> {"path", "sha256", "vectors", "record", "ids"}, added by `loupe index`
     decode_side: int | None = None  # as in ShardStats: how query images must be decoded to match the catalog
     generation: int = 1  # the JobRecord generation these parts complete
     # Per generation that found source objects gone: {"generation", "path", "objects", "sha256"};
@@ -132,7 +132,7 @@ class Manifest(Record):
 
 @dataclass
 class IndexRecord(Record):
-    """OUTPUT/index/{kind}/index.json: how the index was built, what it holds, and its checksums."""
+    """OUTPUT/index/{kind}/build-NNNNN.index.json: how the index was built, what it holds, and its checksums."""
 
     kind: str
     factory: str

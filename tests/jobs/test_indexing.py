@@ -20,23 +20,11 @@ from loupe.jobs.indexing import build_output_index, load_index
 from loupe.schemas.errors import DamagedOutput, UserError
 from loupe.schemas.records import IndexRecord
 from loupe.workers.index import ids as ids_module
-from loupe.workers.index import threads
 from tests.workers.index.vectors import clustered
 
 GB = 10**9
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """Small indexes build faster on one thread, and OpenMP's spinning threads starve when
-    other test runs share the machine's cores: here build_output_index and load_index, which
-    size FAISS's pool to this process's CPUs, find a share of one."""
-    count = faiss.omp_get_max_threads()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(threads, "cpu_share", lambda: 1)
-        faiss.omp_set_num_threads(1)
-        yield
-    faiss.omp_set_num_threads(count)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +128,12 @@ def write_manifest(storage_write, output: str, parts: list[dict], **extra):
     storage_write(join_uri(output, "_job.json"), json.dumps(job).encode())
 
 
+def grow(storage, output: str, parts: list[dict]) -> None:
+    """A manifest listing `parts` that keeps the index entries, as the job's next manifest does."""
+    current = json.loads(storage.read_bytes(f"{output}/_manifest.json"))
+    write_manifest(storage.write_bytes, output, parts, index=current.get("index", {}))
+
+
 @pytest.fixture(params=["local", "s3"])
 def output(request, tmp_path):
     """An OUTPUT URI (a folder, or a prefix in a fresh bucket) and its storage's endpoint."""
@@ -178,19 +172,18 @@ def test_build_and_load_round_trip(output, data, monkeypatch):
     assert (manifest["failed_shards"], manifest["written_at"]) == ([7], "2025-06-30T12:00:00+00:00")
     assert manifest["parts"] == parts
     assert manifest["index"]["image"] == {
-        "path": "index/image/index.faiss",
+        "path": "index/image/build-00001.index.faiss",
         "sha256": record.index_sha256,
         "vectors": record.vectors,
-        "record": "index/image/index.json",
+        "record": "index/image/build-00001.index.json",
+        "ids": "index/image/build-00001.ids.parquet",
     }
-    assert IndexRecord.from_json(storage.read_bytes(f"{uri}/index/image/index.json")) == record
+    assert IndexRecord.from_json(storage.read_bytes(f"{uri}/index/image/build-00001.index.json")) == record
 
     index, ids, loaded = load_index(uri, "image", endpoint)
     assert loaded == record and index.ntotal == record.vectors
-    assert (
-        pq.ParquetFile(pa.BufferReader(storage.read_bytes(f"{uri}/index/image/ids.parquet"))).num_row_groups
-        == 6
-    )
+    ids_file = storage.read_bytes(f"{uri}/index/image/build-00001.ids.parquet")
+    assert pq.ParquetFile(pa.BufferReader(ids_file)).num_row_groups == 6
     # Every stored vector finds itself, and the id map leads back to its row in its part.
     sample = ok_rows[::47]
     _, found = index.search(vectors[sample], 1)
@@ -234,6 +227,11 @@ def faiss_must_not_parse(monkeypatch):
     monkeypatch.setattr(faiss, "read_index", refuse)
 
 
+def registered(uri: str, key: str = "path", kind: str = "image") -> Path:
+    """The local file the manifest's `kind` index entry names under `key` (path, ids, record)."""
+    return Path(uri, json.loads(Path(uri, "_manifest.json").read_text())["index"][kind][key])
+
+
 def _one_line_error(uri: str, match: str, error: type[Exception] = DamagedOutput) -> str:
     with pytest.raises(error, match=match) as raised:
         load_index(uri, "image")
@@ -244,7 +242,7 @@ def _one_line_error(uri: str, match: str, error: type[Exception] = DamagedOutput
 @pytest.mark.parametrize("damage", ["flip", "truncate", "append"])
 def test_tampered_index_files_are_refused_before_faiss_reads_them(built, faiss_must_not_parse, damage):
     uri, _, _, _ = built
-    path = Path(uri, "index/image/index.faiss")
+    path = registered(uri)
     data = bytearray(path.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0x01
@@ -260,15 +258,15 @@ def test_tampered_index_files_are_refused_before_faiss_reads_them(built, faiss_m
 def test_a_file_matching_a_forged_record_is_still_refused_by_the_manifest(built, faiss_must_not_parse):
     uri, _, _, record = built
     forged = faiss.serialize_index(faiss.IndexFlatIP(record.dim)).tobytes()
-    Path(uri, "index/image/index.faiss").write_bytes(forged)
+    registered(uri).write_bytes(forged)
     record.index_sha256 = hashlib.sha256(forged).hexdigest()
-    Path(uri, "index/image/index.json").write_bytes(record.to_json())
+    registered(uri, "record").write_bytes(record.to_json())
     _one_line_error(uri, "does not match its recorded sha256")
 
 
 def test_a_tampered_id_map_is_refused(built):
     uri, _, _, _ = built
-    path = Path(uri, "index/image/ids.parquet")
+    path = registered(uri, "ids")
     data = bytearray(path.read_bytes())
     data[10] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -345,7 +343,7 @@ def test_vectors_that_change_while_the_index_is_built_are_named(tmp_path, data, 
 def test_the_cli_says_damaged_output_in_one_line_and_exits_3(built):
     uri, _, parts, _ = built
     runner = CliRunner()
-    Path(uri, "index/image/index.faiss").write_bytes(b"not the index that was built")
+    registered(uri).write_bytes(b"not the index that was built")
     searched = runner.invoke(app, ["search", uri, "a dog"])
     assert searched.exit_code == 3, searched.output
     assert searched.stderr.startswith("loupe: damaged output: ") and searched.stderr.count("\n") == 1
@@ -373,7 +371,7 @@ def test_new_parts_are_added_without_retraining(tmp_path, data, monkeypatch):
 
     more = write_job(storage.write_bytes, uri, data[10_500:], 1, start=4, errors_every=0)
     # Part ids continue where the first run stopped: rows 10500.. are in part 4.
-    write_manifest(storage.write_bytes, uri, first + more)
+    grow(storage, uri, first + more)
     monkeypatch.setattr(index_module, "build_index", lambda *a, **k: pytest.fail("retrained"))
     after = build_output_index(uri, memory_budget=10**6, target_recall=0.9, incremental=True)
     assert after.vectors == 12_000 and len(after.parts) == 5
@@ -401,6 +399,6 @@ def test_extending_past_what_the_index_suits_rebuilds_it(tmp_path, data):
     write_manifest(storage.write_bytes, uri, first)
     assert build_output_index(uri, memory_budget=GB).kind == "flat"
     more = write_job(storage.write_bytes, uri, data[3000:], 2, start=1, errors_every=0)
-    write_manifest(storage.write_bytes, uri, first + more)
+    grow(storage, uri, first + more)
     after = build_output_index(uri, memory_budget=GB, incremental=True)
     assert after.kind == "hnsw" and after.vectors == len(data) and after.tuned_vectors == len(data)

@@ -18,25 +18,13 @@ from loupe.jobs.search import Hit, open_searcher, search
 from loupe.schemas.errors import UserError
 from loupe.schemas.rows import text_embedding_column
 from loupe.schemas.taxonomy import DEFAULT_TAXONOMY
-from loupe.workers.index import threads
 from loupe.workers.models.embedder import DEFAULT_TEXT_MODEL
 from loupe.workers.models.random import build_random_model
 from loupe.workers.storage import join_uri, open_storage
 
 GB = 10**9
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """Small indexes search faster on one thread, and other test runs share the cores: here
-    build_output_index and load_index, which size FAISS's pool to this process's CPUs, find a
-    share of one."""
-    count = faiss.omp_get_max_threads()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(threads, "cpu_share", lambda: 1)
-        faiss.omp_set_num_threads(1)
-        yield
-    faiss.omp_set_num_threads(count)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ def rewrite_manifest(out: Path, **changes) -> None:
 
 
 def corrupt_index(out: Path) -> None:
-    with open(out / "index" / "image" / "index.faiss", "ab") as f:
+    with open(out / manifest(out)["index"]["image"]["path"], "ab") as f:  # the build the manifest names
         f.write(b"\0")
 
 

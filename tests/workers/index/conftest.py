@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import faiss
 import pytest
 
 from tests.workers.index.vectors import clustered
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """Small indexes build faster on one thread, and OpenMP's spinning threads starve when
-    other test runs share the machine's cores."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+def _one_faiss_thread(one_faiss_thread):
+    """Every module of the FAISS library's tests runs on one FAISS thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
