@@ -228,12 +228,17 @@ def index(
         from loupe.jobs.indexing import build_output_index  # without FAISS: one line
         from loupe.workers.index.choose import parse_size
 
+        from loupe.jobs.lease import Lease
+        from loupe.workers.storage import open_storage
+
         if not 0 < target_recall <= 1:
             raise UserError("invalid option 'target_recall': must be in (0, 1]")
-        record = build_output_index(
-            output, kind=kind, memory_budget=parse_size(memory_budget), target_recall=target_recall,
-            endpoint_url=endpoint_url,
-        )
+        # OUTPUT has one writer at a time: a run (which builds its indexes under its own lease) or this.
+        with Lease.acquire(open_storage(output, endpoint_url), output):
+            record = build_output_index(
+                output, kind=kind, memory_budget=parse_size(memory_budget), target_recall=target_recall,
+                endpoint_url=endpoint_url,
+            )
     typer.echo(
         f"{kind} index: {record.vectors} vectors, {record.factory}, recall@10 {record.recall_at_10:.3f} "
         f"(target {target_recall}), built in {record.build_seconds:.1f} s"

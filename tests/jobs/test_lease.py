@@ -83,6 +83,21 @@ def test_a_lease_within_its_expiry_is_not_taken_over(output):
     assert _record(storage, out).holder == "dead-holder"
 
 
+def test_loupe_index_is_refused_while_a_run_holds_the_output(output):
+    from typer.testing import CliRunner
+
+    from loupe.jobs.cli import app
+
+    storage, out = output
+    _stale(storage, out, age_s=5, expiry_s=60)  # a run on another host, renewed 5 s ago
+    endpoint = ["--endpoint-url", storage.endpoint_url] if out.startswith("s3://") else []
+    result = CliRunner().invoke(app, ["index", out, *endpoint])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "in use by another loupe run (gone-host pid 4242" in lines[0]
+    assert _record(storage, out).holder == "dead-holder"  # the run's lease is left as it was
+
+
 def test_renewal_keeps_the_lease_alive(output):
     storage, out = output
     with Lease.acquire(storage, out, expiry_s=1.0, renew_every_s=0.2) as lease:
