@@ -38,8 +38,10 @@ def bench_serve(
     """Start `loupe serve OUTPUT` in a child process and time the same text search at each client count.
 
     Each level sends max(`requests`, 4 x clients) requests over keep-alive connections, one per
-    client thread; latency is per request, requests/s over the level's wall time. `fresh_runs`
-    times `loupe search --json` in a new process for the same query (model and index load each time).
+    client thread; latency is per request, requests/s over the level's wall time; an answer
+    other than the first is an error. `fresh_runs` times `loupe search --json` in a new process
+    for the same query (model and index load each time), and splits a second one into start-up
+    and query (fresh_search). The server's peak resident memory is read before it stops.
     """
     path = "/api/search?" + urllib.parse.urlencode({"q": query, "k": k, "kind": kind})
     env = os.environ | ({"AWS_ENDPOINT_URL": endpoint_url} if endpoint_url else {})
@@ -60,34 +62,55 @@ def bench_serve(
                 log(f"{count} clients: p50 {level['p50_ms']:.1f} ms, p99 {level['p99_ms']:.1f} ms, "
                     f"{level['requests_per_second']:.1f} requests/s")
                 levels.append(level)
+            peak, resident = process_memory(server.pid)
         finally:
             server.terminate()
             server.wait(timeout=60)
-    fresh = [_fresh_search(output, query, k, kind, env) for _ in range(fresh_runs)]
+    fresh = [fresh_search(output, query, k, kind, env) for _ in range(fresh_runs)]
+    if fresh:
+        log(f"loupe search in a fresh process: {np.median([f['wall_seconds'] for f in fresh]):.1f} s")
     return {
         "output": output,
         "query": query,
         "k": k,
         "kind": kind,
+        "hits": expected["hits"],
         "server_startup_seconds": round(startup, 2),
+        "server_peak_bytes": peak,
+        "server_resident_bytes": resident,
         "levels": levels,
-        "fresh_process_search_seconds": round(float(np.median(fresh)), 2) if fresh else None,
+        "fresh_process_search_seconds": round(float(np.median([f["wall_seconds"] for f in fresh])), 2) if fresh else None,
+        "fresh_phases": {
+            name: round(float(np.median([f[name] for f in fresh])), 3) for name in fresh[0] if name != "wall_seconds"
+        } if fresh else None,
+        "fresh_runs": len(fresh),
     }
 
 
 def format_table(result: dict[str, Any]) -> str:
+    """The result in lines of at most 80 characters, but for the catalog's path on the first."""
+    peak, resident = result.get("server_peak_bytes"), result.get("server_resident_bytes")
     lines = [
-        f"loupe serve search benchmark: {result['output']}, {result['kind']} index, "
-        f"k={result['k']}, query {result['query']!r}",
-        f"server start (catalog, index and models loaded): {result['server_startup_seconds']:.1f} s",
-        f"{'clients':>8} {'requests':>9} {'p50 ms':>8} {'p99 ms':>8} {'requests/s':>11} {'errors':>7}",
+        f"loupe serve search benchmark: {result['output']}",
+        f"{result['kind']} index, k={result['k']}, query {result['query']!r}; server up in "
+        f"{result['server_startup_seconds']:.1f} s"
+        + (f", {resident / 2**30:.2f} GiB (peak {peak / 2**30:.2f})" if peak and resident else ""),
+        f"{'clients':>8} {'requests':>9} {'p50 ms':>9} {'p99 ms':>9} {'requests/s':>11} {'errors':>7}",
     ]
     for level in result["levels"]:
         lines.append(
-            f"{level['clients']:>8} {level['requests']:>9} {level['p50_ms']:>8.1f} {level['p99_ms']:>8.1f} "
+            f"{level['clients']:>8} {level['requests']:>9} {level['p50_ms']:>9.1f} {level['p99_ms']:>9.1f} "
             f"{level['requests_per_second']:>11.1f} {level['errors']:>7}"
         )
-    if result["fresh_process_search_seconds"] is not None:
+    phases = result.get("fresh_phases")
+    if phases:
+        lines.append(
+            f"fresh process: start-up {phases['startup_seconds']:.2f} s (imports {phases['imports_seconds']:.2f}, "
+            f"index+model {phases['load_seconds']:.2f}), query {1000 * phases['query_seconds']:.0f} ms"
+        )
+        if "again_seconds" in phases:
+            lines.append(f"  the same query again in that process: {1000 * phases['again_seconds']:.0f} ms")
+    if result.get("fresh_process_search_seconds") is not None:
         lines.append(f"loupe search in a fresh process, same query: {result['fresh_process_search_seconds']:.2f} s")
     return "\n".join(lines)
 
@@ -142,7 +165,8 @@ def _wait_until_up(server: subprocess.Popen, port: int, path: str, server_log) -
         if server.poll() is not None:
             server_log.seek(0)
             lines = server_log.read().decode(errors="replace").strip().splitlines()
-            raise UserError(f"loupe serve exited with {server.returncode}: {lines[-1] if lines else 'no output'}")
+            last = lines[-1].removeprefix("loupe: error: ") if lines else "no output"
+            raise UserError(f"loupe serve exited with {server.returncode}: {last}")
         try:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
             connection.request("GET", path)
@@ -157,13 +181,65 @@ def _wait_until_up(server: subprocess.Popen, port: int, path: str, server_log) -
     raise UserError(f"loupe serve did not answer within {STARTUP_SECONDS} s")
 
 
-def _fresh_search(output: str, query: str, k: int, kind: str, env: dict[str, str]) -> float:
+def fresh_search(output: str, query: str, k: int, kind: str, env: dict[str, str]) -> dict[str, float]:
+    """`loupe search --json` in a new process, timed whole; then the same search in another new
+    process that times its own phases (so the split costs the first timing nothing).
+
+    start-up = the probe's wall time less its query: interpreter, imports (loupe, faiss, torch,
+    transformers), then the index, its ids and the model loaded as `loupe search` loads them.
+    """
     began = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "loupe.jobs.cli", "search", output, query, "-k", str(k), "--kind", kind, "--json"],
         check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )
-    return time.perf_counter() - began
+    wall = time.perf_counter() - began
+    began = time.perf_counter()
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; from loupe.jobs.serve.bench import probe_search; probe_search(*sys.argv[1:])",
+         output, query, str(k), kind],
+        check=True, capture_output=True, text=True, env=env,
+    )
+    probe_wall = time.perf_counter() - began
+    phases = json.loads(probe.stdout.strip().splitlines()[-1])
+    return {
+        "wall_seconds": wall,
+        "startup_seconds": probe_wall - phases["query_seconds"],
+        "imports_seconds": probe_wall - phases["query_seconds"] - phases["load_seconds"],
+        "load_seconds": phases["load_seconds"],
+        "query_seconds": phases["query_seconds"],
+        "again_seconds": phases["again_seconds"],
+    }
+
+
+def probe_search(output: str, query: str, k: str, kind: str) -> None:
+    """In a fresh process: load as `loupe search` loads, search once, print the phases' seconds as JSON."""
+    import torch  # noqa: F401  (imported by the model load anyway; counted with the imports)
+    import transformers  # noqa: F401
+
+    from loupe.jobs.search import open_searcher
+
+    began = time.perf_counter()
+    searcher = open_searcher(output, kind)
+    loaded = time.perf_counter()
+    hits = searcher.search(text=query, k=int(k))
+    done = time.perf_counter()
+    searcher.search(text=query, k=int(k))  # warm: what the first query paid once (threads, pages, kernels)
+    again = time.perf_counter() - done
+    print(json.dumps({"load_seconds": loaded - began, "query_seconds": done - loaded, "again_seconds": again, "hits": len(hits)}))
+
+
+def process_memory(pid: int) -> tuple[int | None, int | None]:
+    """Peak and current resident bytes of process `pid` (Linux's VmHWM, VmRSS); None where unreadable."""
+    found: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith(("VmHWM:", "VmRSS:")):
+                    found[line[:5]] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return found.get("VmHWM"), found.get("VmRSS")
 
 
 def _free_port() -> int:

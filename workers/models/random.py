@@ -100,11 +100,12 @@ def build_random_model(
     return Path(dest)
 
 
-def build_random_clip(dest: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+def build_random_clip(dest: str | Path, size: str = "tiny", seed: int = 0, projection_dim: int | None = None) -> Path:
     """Write a random-weight CLIPModel and CLIPProcessor to `dest` and return `dest`.
 
     They load with CLIPModel / CLIPProcessor.from_pretrained like openai/clip-vit-base-patch32;
-    the same arguments always produce the same files.
+    the same arguments always produce the same files. `projection_dim` overrides the size's
+    vector width (768 is ViT-L/14's).
     """
     if size not in CLIP_SHAPES:
         raise UserError(f"unknown model size {size!r}; choose one of: {', '.join(CLIP_SHAPES)}")
@@ -116,7 +117,7 @@ def build_random_clip(dest: str | Path, size: str = "tiny", seed: int = 0) -> Pa
     config = CLIPConfig(
         text_config=shape.text.config(tokenizer, spec.model_max_length),
         vision_config=shape.vision.config(),
-        projection_dim=shape.projection_dim,
+        projection_dim=projection_dim or shape.projection_dim,
     )
     model = _seeded(seed, None, lambda: CLIPModel(config))
     side = shape.vision.image_size
