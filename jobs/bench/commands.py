@@ -1,4 +1,4 @@
-"""`loupe bench job|moderation|index|pdq|incremental`: thin Typer commands over the benchmarks (`loupe bench` alone: job)."""
+"""`loupe bench job|moderation|index|serve|pdq|incremental`: thin Typer commands over the benchmarks (`loupe bench` alone: job)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from loupe.jobs.console import one_line_errors
+from loupe.schemas.errors import UserError
 
 bench_app = typer.Typer(
     help="Benchmarks on random-weight models and generated data; `loupe bench` alone runs `loupe bench job`.",
@@ -111,14 +112,63 @@ def index(
     queries: Annotated[int, typer.Option(help="Fresh queries for recall and latency.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the vectors and the index build.")] = 0,
     budget_fraction: Annotated[float, typer.Option(help="Memory budget as a share of flat's bytes.")] = 0.25,
+    peer: Annotated[Optional[str], typer.Option(help="Also build this peer's index at every --budgets share: autofaiss.")] = None,
+    budgets: Annotated[str, typer.Option(help="With --peer: the budgets, as shares of flat's bytes.")] = "1/16,1/8,1/4,1/2",
+    workdir: Annotated[Optional[Path], typer.Option(help="With --peer: where the vectors, indexes and the peer's virtual environment go.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """The index chosen for a share of flat's memory against exact flat search: bytes, recall@10, latency."""
+    """The index chosen for a share of flat's memory against exact flat search (or, with --peer, against the peer's index at each budget)."""
     with one_line_errors():
+        if peer is not None:
+            import tempfile
+
+            from loupe.jobs.bench import peer as peers
+
+            if peer not in peers.PEERS:
+                raise UserError(f"unknown --peer {peer!r}; choose one of: {', '.join(peers.PEERS)}")
+            shares = peers.parse_budgets(budgets)
+            where = workdir or Path(tempfile.gettempdir()) / "loupe-bench-peer"
+            python = peers.peer_python(where / f"venv-{peer}")
+            result = peers.compare(vectors, dim, budgets=shares, work=where, python=python, queries=queries, seed=seed)
+            typer.echo(json.dumps(result, indent=2) if as_json else peers.table(result))
+            return
         from loupe.jobs.bench.index import run, table
 
         result = run(vectors, dim, budget_fraction=budget_fraction, queries=queries, seed=seed)
     typer.echo(json.dumps(result, indent=2) if as_json else table(result))
+
+
+@bench_app.command()
+def serve(
+    output: Annotated[Optional[str], typer.Argument(help="Benchmark this OUTPUT (with an image index); default: a synthetic catalog.")] = None,
+    vectors: Annotated[int, typer.Option(min=1, help="Without OUTPUT: rows (and image vectors) of the synthetic catalog.")] = 1_000_000,
+    dim: Annotated[int, typer.Option(min=2, help="Without OUTPUT: their dimension (the random CLIP's projection).")] = 768,
+    clients: Annotated[str, typer.Option(help="Comma-separated counts of concurrent clients.")] = "1,8,32",
+    requests: Annotated[int, typer.Option(min=1, help="Requests per client count (at least 4 per client).")] = 200,
+    query: Annotated[str, typer.Option(help="The text searched for.")] = "a red square",
+    k: Annotated[int, typer.Option("-k", min=1, help="Results per search.")] = 10,
+    fresh_runs: Annotated[int, typer.Option(min=0, help="Runs of `loupe search` in a fresh process (median).")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic vectors, rows, model and index.")] = 0,
+    workdir: Annotated[Optional[Path], typer.Option(help="Keep the synthetic catalog here between runs (default: $TMPDIR/loupe-bench-serve).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Search latency (p50, p99) and requests/s through `loupe serve` on loopback, beside `loupe search` in a fresh process."""
+    import tempfile
+
+    from rich.console import Console
+
+    _offline_transformers()
+    with one_line_errors():
+        from loupe.jobs.bench.serve import parse_clients, run_serve_bench
+        from loupe.jobs.serve.bench import format_table
+
+        console = Console(stderr=True)
+        result = run_serve_bench(
+            output, vectors=vectors, dim=dim, workdir=workdir or Path(tempfile.gettempdir()) / "loupe-bench-serve",
+            clients=parse_clients(clients), requests=requests, query=query, k=k, fresh_runs=fresh_runs, seed=seed,
+            log=lambda line: console.print(f"[dim]{line}[/]"),
+        )
+    typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
 @bench_app.command()

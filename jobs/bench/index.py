@@ -10,9 +10,11 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
+import queue
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +26,8 @@ from loupe.workers.index.tune import apply_params, recall_at_k
 
 CLUSTERS = 1000
 BATCH = 50_000
+# Reading an index and 1,000 single queries take seconds; a child silent this long has died.
+MEASURE_TIMEOUT_S = 1800
 
 
 class ClusteredVectors:
@@ -129,17 +133,41 @@ def serve_and_measure(index: faiss.Index, params: dict, queries: np.ndarray, tru
     os.close(handle)
     try:
         faiss.write_index(index, path)
-        file_bytes = os.path.getsize(path)
-        context = multiprocessing.get_context("spawn")
-        results = context.Queue()
-        child = context.Process(target=_serve, args=(path, params, queries, truth, k, results))
-        child.start()
-        measured = results.get()
-        child.join()
+        return measure_file(path, params, queries, truth, k)
     finally:
         os.unlink(path)
-    measured["file_bytes"] = file_bytes
+
+
+def measure_file(path: str, params: dict, queries: np.ndarray, truth: np.ndarray, k: int) -> dict:
+    """serve_and_measure for an index already in a file."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=_serve, args=(path, params, queries, truth, k, results))
+    child.start()
+    measured = child_result(child, results, MEASURE_TIMEOUT_S)
+    measured["file_bytes"] = os.path.getsize(path)
     return measured
+
+
+def child_result(child: multiprocessing.process.BaseProcess, results, timeout: float) -> Any:
+    """What a spawned child puts on `results`; a child that dies or overruns `timeout` is an error."""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                return results.get(timeout=1.0)
+            except queue.Empty:
+                if not child.is_alive():
+                    try:
+                        return results.get(timeout=1.0)  # put just before it exited
+                    except queue.Empty:
+                        raise RuntimeError(f"the benchmark's child process died (exit code {child.exitcode})") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the benchmark's child process gave no result in {timeout:.0f} s") from None
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
 
 
 def run(

@@ -1,0 +1,183 @@
+"""`loupe bench index --peer autofaiss`: loupe's index and autofaiss's on the same vectors, queries and memory budgets.
+
+autofaiss runs in its own virtual environment (its pins, faiss-cpu 1.8 and numpy < 2, conflict
+with loupe's), created on first use under the work folder, and reads the vectors from .npy
+files as its users give them. Both indexes are built in a process of their own (so each
+build's peak resident memory is its own) and measured the same way: read back from the file
+by a fresh process, recall@10 against exact search and the latency of single queries.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from loupe.jobs.bench.index import ClusteredVectors, child_result, measure_file
+from loupe.schemas.errors import UserError
+from loupe.workers.index.build import build_index
+from loupe.workers.index.choose import format_size
+from loupe.workers.index.library import faiss
+from loupe.workers.index.threads import use_cpu_share
+
+PEERS = ("autofaiss",)
+# What autofaiss 2.18 runs with: with faiss 1.15 it fails in OPQMatrix(M=...).
+PEER_PINS = ("autofaiss==2.18.0", "faiss-cpu==1.8.0", "numpy<2", "pyarrow<16", "packaging")
+PEER_SCRIPT = Path(__file__).with_name("autofaiss_peer.py")
+DEFAULT_BUDGETS = "1/16,1/8,1/4,1/2"
+# Building an index of 1M x 768 vectors takes minutes for loupe and up to half an hour for autofaiss on 2 cores.
+BUILD_TIMEOUT_S = 4 * 3600
+INSTALL_TIMEOUT_S = 1800
+
+
+def parse_budgets(text: str) -> list[Fraction]:
+    """"1/16,1/8,0.25" as shares of flat's bytes, each in (0, 1]."""
+    try:
+        shares = [Fraction(part.strip()) for part in text.split(",") if part.strip()]
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"invalid --budgets {text!r}; give shares of flat's bytes such as 1/16,1/8,0.25") from None
+    if not shares or any(not 0 < share <= 1 for share in shares):
+        raise UserError(f"--budgets {text!r}: every share must be above 0 and at most 1")
+    return shares
+
+
+def peer_python(venv: Path) -> Path:
+    """The peer's interpreter, in a virtual environment created with its pins on first use."""
+    python = venv / "bin" / "python"
+    done = venv / ".complete"
+    if not done.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=600)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", *PEER_PINS], check=True, timeout=INSTALL_TIMEOUT_S
+        )
+        done.touch()
+    return python
+
+
+def compare(
+    n: int,
+    dim: int,
+    *,
+    budgets: list[Fraction],
+    work: Path,
+    python: Path,
+    queries: int = 1000,
+    k: int = 10,
+    seed: int = 0,
+) -> dict:
+    """Both systems at every budget: index, bytes, recall@10, median and p99 ms, build s and peak build memory."""
+    use_cpu_share()
+    data = ClusteredVectors(n, dim, seed)
+    xq = data.queries(queries)
+    truth = _write_inputs(data, xq, k, work)
+    flat_bytes = 4 * n * dim
+    rows = []
+    for share in budgets:
+        budget = int(flat_bytes * share)
+        rows.append({"budget": str(share), "system": "autofaiss", **_peer(python, work, budget)})
+        rows.append({"budget": str(share), "system": "loupe", **_loupe(data, budget, xq, truth, k, seed, work)})
+    return {"vectors": n, "dim": dim, "queries": queries, "k": k, "flat_bytes": flat_bytes, "rows": rows}
+
+
+def _write_inputs(data: ClusteredVectors, xq: np.ndarray, k: int, work: Path) -> np.ndarray:
+    """The vectors as .npy files (autofaiss's input), the queries and their exact neighbours."""
+    folder = work / "vectors"
+    folder.mkdir(parents=True, exist_ok=True)
+    flat = faiss.IndexFlatIP(data.dim)
+    for number, batch in enumerate(data()):
+        np.save(folder / f"part-{number:05d}.npy", batch)
+        flat.add(batch)
+    _, truth = flat.search(xq, k)
+    np.save(work / "queries.npy", xq)
+    np.save(work / "truth.npy", truth)
+    return truth
+
+
+def _peer(python: Path, work: Path, budget: int) -> dict:
+    done = subprocess.run(
+        [str(python), str(PEER_SCRIPT), str(work), str(budget)],
+        capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"autofaiss failed at a budget of {format_size(budget)}: {done.stderr.strip()[-500:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {
+        "index": f"{result['index_key']} {result['index_param']}",
+        "bytes": result["bytes"],
+        "recall_at_10": result["recall_at_10"],
+        "median_ms": result["median_ms"],
+        "p99_ms": result["p99_ms"],
+        "build_seconds": result["build_seconds"],
+        "peak_build_bytes": result["peak_build_bytes"],
+    }
+
+
+def _loupe(data: ClusteredVectors, budget: int, xq: np.ndarray, truth: np.ndarray, k: int, seed: int, work: Path) -> dict:
+    path = str(work / "loupe.faiss")
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=_build, args=(data.n, data.dim, seed, budget, k, path, results))
+    child.start()
+    built = child_result(child, results, BUILD_TIMEOUT_S)
+    if "error" in built:
+        raise UserError(built["error"])
+    served = measure_file(path, built["params"], xq, truth, k)
+    latencies = served["latencies"]
+    params = ",".join(f"{key}={value}" for key, value in built["params"].items())
+    return {
+        "index": f"{built['factory']} {params}",
+        "bytes": served["heap_bytes"] or max(served["resident_bytes"], served["file_bytes"]),
+        "recall_at_10": round(served["recall"], 4),
+        "median_ms": round(float(np.median(latencies)), 3),
+        "p99_ms": round(float(np.percentile(latencies, 99)), 3),
+        "build_seconds": built["build_seconds"],
+        "peak_build_bytes": built["peak_build_bytes"],
+    }
+
+
+def _build(n: int, dim: int, seed: int, budget: int, k: int, path: str, results) -> None:
+    """In a process of its own: build loupe's index for the budget, write it, report its peak memory."""
+    use_cpu_share()
+    try:
+        index, record = build_index(
+            ClusteredVectors(n, dim, seed), memory_budget_bytes=budget, target_recall=0.95, k=k, seed=seed, vectors_hint=n
+        )
+    except UserError as exc:  # a budget too small for any index: the parent says it in one line
+        results.put({"error": str(exc)})
+        return
+    faiss.write_index(index, path)
+    results.put(
+        {
+            "factory": record.factory,
+            "params": record.params,
+            "build_seconds": round(record.build_seconds, 1),
+            "peak_build_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+    )
+
+
+def table(result: dict) -> str:
+    """One line per system and budget, readable at 80 columns: the index on a line of its own."""
+    flat = result["flat_bytes"]
+    head = f"{'budget':>7} {'system':<9} {'bytes':>6} {'recall':>6} {'med ms':>7} {'p99 ms':>7} {'build s':>8} {'peak':>9}"
+    lines = [head, "-" * len(head)]
+    for row in result["rows"]:
+        lines.append(
+            f"{row['budget']:>7} {row['system']:<9} {row['bytes'] / flat:>6.3f} {row['recall_at_10']:>6.3f} "
+            f"{row['median_ms']:>7.2f} {row['p99_ms']:>7.2f} {row['build_seconds']:>8.1f} "
+            f"{format_size(row['peak_build_bytes']):>9}"
+        )
+        lines.append(f"{'':>7} {row['index']}")
+    footer = (
+        f"{result['vectors']:,} vectors of dimension {result['dim']}, {result['queries']} queries, k = {result['k']}, "
+        f"{os.cpu_count()} cores; bytes as a share of flat's {format_size(flat)}; peak: the build's resident memory."
+    )
+    return "\n".join([*lines, "", textwrap.fill(footer, 80)])

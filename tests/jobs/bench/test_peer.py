@@ -1,0 +1,64 @@
+"""`loupe bench index --peer`: the budgets, the inputs the peer reads, both rows per budget, the table."""
+
+import json
+import stat
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from loupe.jobs.bench.peer import compare, parse_budgets, table
+from loupe.jobs.cli import app
+from loupe.schemas.errors import UserError
+
+
+def test_budgets_are_shares_of_flat():
+    assert [str(s) for s in parse_budgets("1/16, 1/8,0.25,1")] == ["1/16", "1/8", "1/4", "1"]
+    for bad in ("", "0", "2", "1/0", "a quarter", "-1/4"):
+        with pytest.raises(UserError):
+            parse_budgets(bad)
+
+
+def test_an_unknown_peer_or_budget_is_one_line(tmp_path):
+    for args, said in ((["--peer", "annoy"], "unknown --peer 'annoy'"), (["--peer", "autofaiss", "--budgets", "3"], "at most 1")):
+        result = CliRunner().invoke(app, ["bench", "index", "--vectors", "100", *args, "--workdir", str(tmp_path)])
+        assert result.exit_code == 2 and said in result.output, result.output
+        assert "Traceback" not in result.output
+
+
+def test_both_systems_at_every_budget_on_the_same_inputs(tmp_path):
+    # A stand-in for the peer's interpreter: it checks the files it is handed as autofaiss would
+    # read them and answers as autofaiss_peer.py does (the real peer is run by the benchmark).
+    fake = tmp_path / "peer-python"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys, glob, numpy as np\n"
+        "script, work, budget = sys.argv[1:4]\n"
+        "vectors = np.concatenate([np.load(p) for p in sorted(glob.glob(work + '/vectors/*.npy'))])\n"
+        "truth, queries = np.load(work + '/truth.npy'), np.load(work + '/queries.npy')\n"
+        "assert script.endswith('autofaiss_peer.py') and truth.shape == (len(queries), 10)\n"
+        "print(json.dumps({'index_key': 'Flat', 'index_param': '', 'bytes': vectors.nbytes, 'recall_at_10': 1.0,\n"
+        "  'median_ms': 0.5, 'p99_ms': 1.0, 'build_seconds': 0.1, 'peak_build_bytes': int(budget)}))\n"
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    result = compare(
+        12_000, 64, budgets=parse_budgets("1/4,1/2"), work=tmp_path / "work", python=fake, queries=50
+    )
+    rows = result["rows"]
+    assert [(r["budget"], r["system"]) for r in rows] == [
+        ("1/4", "autofaiss"), ("1/4", "loupe"), ("1/2", "autofaiss"), ("1/2", "loupe")
+    ]
+    assert rows[0]["peak_build_bytes"] == 12_000 * 64 * 4 // 4  # the budget reached the peer in bytes
+    loupe = [r for r in rows if r["system"] == "loupe"]
+    assert all(0 < r["bytes"] <= 1.1 * result["flat_bytes"] / 2 for r in loupe)
+    assert all(0 < r["recall_at_10"] <= 1 and r["median_ms"] > 0 and r["peak_build_bytes"] > 0 for r in loupe)
+    assert loupe[1]["recall_at_10"] >= loupe[0]["recall_at_10"]  # more bytes, no worse recall
+    truth = np.load(tmp_path / "work" / "truth.npy")
+    assert truth.shape == (50, 10)
+    shown = table(result)
+    assert all(len(line) <= 80 for line in shown.splitlines()), shown
+    assert shown.count("autofaiss") == 2 and shown.count("loupe") >= 2
+    json.dumps(result)
+    with pytest.raises(UserError, match="too small"):  # from the build's own process, in one line
+        compare(12_000, 64, budgets=parse_budgets("1/64"), work=tmp_path / "work", python=fake, queries=50)
