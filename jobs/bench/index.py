@@ -73,6 +73,16 @@ def _latencies_ms(index: faiss.Index, queries: np.ndarray, k: int) -> np.ndarray
     return np.array(times)
 
 
+def peak_resident_bytes() -> int:
+    """This process's own peak resident memory (VmHWM): getrusage's ru_maxrss would also count
+    the peak of the process that spawned it, which Linux carries across fork and exec."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line")
+
+
 def _resident_bytes() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

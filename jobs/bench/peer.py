@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import resource
 import subprocess
 import sys
 import textwrap
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loupe.jobs.bench.index import ClusteredVectors, child_result, measure_file
+from loupe.jobs.bench.index import ClusteredVectors, child_result, measure_file, peak_resident_bytes
 from loupe.schemas.errors import UserError
 from loupe.workers.index.build import build_index
 from loupe.workers.index.choose import format_size
@@ -159,7 +158,7 @@ def _build(n: int, dim: int, seed: int, budget: int, k: int, path: str, results)
             "factory": record.factory,
             "params": record.params,
             "build_seconds": round(record.build_seconds, 1),
-            "peak_build_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_build_bytes": peak_resident_bytes(),
         }
     )
 

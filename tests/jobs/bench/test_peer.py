@@ -62,3 +62,26 @@ def test_both_systems_at_every_budget_on_the_same_inputs(tmp_path):
     json.dumps(result)
     with pytest.raises(UserError, match="too small"):  # from the build's own process, in one line
         compare(12_000, 64, budgets=parse_budgets("1/64"), work=tmp_path / "work", python=fake, queries=50)
+
+
+def _child_peak(results):
+    from loupe.jobs.bench.index import peak_resident_bytes
+
+    results.put(peak_resident_bytes())
+
+
+def test_a_build_process_reports_its_own_peak_not_its_parents():
+    import multiprocessing
+
+    from loupe.jobs.bench.index import child_result, peak_resident_bytes
+
+    held = np.ones(400 * 2**20 // 8)  # the parent peaks 400 MiB above the child's needs
+    held[::512] = 2.0  # touched: resident
+    parent = peak_resident_bytes()
+    del held
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=_child_peak, args=(results,))
+    child.start()
+    own = child_result(child, results, 120)
+    assert 0 < own < parent - 300 * 2**20, (own, parent)  # ru_maxrss would have carried the parent's over
