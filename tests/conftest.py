@@ -62,21 +62,10 @@ def ray_cluster():
 
     Two nodes of two logical CPUs each, so a job with two replicas spreads over both.
     """
-    import ray
-    from ray.cluster_utils import Cluster
+    from loupe.jobs.replicas import local_cluster
 
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 2, "include_dashboard": False},
-    )
-    cluster.add_node(num_cpus=2)
-    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-    cluster.wait_for_nodes()
-    try:
+    with local_cluster(nodes=2, cpus_per_node=2) as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @pytest.fixture(scope="session")

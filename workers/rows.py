@@ -59,6 +59,7 @@ class RowBuilder:
 
     def __init__(self, config: JobConfig) -> None:
         self.config = config
+        self.text_vectors = text_embedding_column(config.text_column)
         self._taxonomy_sha256 = config.taxonomy.content_hash()
 
     def shard_rows(self, shard: Shard, results: list[Result], errors: list[Item]) -> ShardRows:
@@ -99,7 +100,7 @@ class RowBuilder:
             "height": item.size[1],
             "caption": result.caption,
             "image_embedding": result.image_embedding,
-            text_embedding_column(self.config.text_column): result.text_embedding,
+            self.text_vectors: result.text_embedding,
         }
         if item.pdq is not None:
             row |= {"pdq": item.pdq.hash, "pdq_quality": item.pdq.quality}

@@ -26,6 +26,7 @@ from loupe.jobs.bench.faulty_s3 import (
 from loupe.jobs.bench.source import image_source
 from loupe.jobs.lease import LeaseHeld
 from loupe.jobs.output import read_manifest
+from loupe.jobs.replicas import local_cluster
 from loupe.jobs.runner import run_job
 from loupe.jobs.scheduler import JobStopped
 from loupe.schemas.config import JobConfig
@@ -254,18 +255,8 @@ def _cluster(cluster: Any):
     if cluster is not None:
         yield cluster
         return
-    import ray
-    from ray.cluster_utils import Cluster
-
-    own = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    own.add_node(num_cpus=2)
-    ray.init(address=own.address, log_to_driver=False, configure_logging=False)
-    own.wait_for_nodes()
-    try:
+    with local_cluster(nodes=2) as own:
         yield own
-    finally:
-        ray.shutdown()
-        own.shutdown()
 
 
 def _rows(output: str, endpoint: str) -> list[dict[str, Any]]:
