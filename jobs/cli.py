@@ -243,6 +243,9 @@ def index(
         f"{kind} index: {record.vectors} vectors, {record.factory}, recall@10 {record.recall_at_10:.3f} "
         f"(target {target_recall}), built in {record.build_seconds:.1f} s"
     )
+    for note in (record.target_note, record.budget_note):
+        if note:
+            typer.echo(note)
 
 
 @app.command()

@@ -201,6 +201,9 @@ def print_summary(result: Any, config: Any, seconds: float) -> None:
         table.add_row("hung replicas", f"{result.hung_replicas} restarted; shard timeout {result.shard_timeout}")
     for kind, record in result.indexes.items():
         table.add_row(f"{kind} index", f"{record.vectors} vectors, {record.factory}, recall@10 {record.recall_at_10:.3f}")
+        for note in (record.target_note, record.budget_note):
+            if note:
+                table.add_row("", note)
     table.add_row("complete", "yes: _manifest.json lists every part" if result.complete else "no: rerun the same command to retry")
     Console().print(table)
 

@@ -156,6 +156,10 @@ class IndexRecord(Record):
     parts: list[dict[str, Any]] = field(default_factory=list)
     # Vectors when recall was last measured: incremental adds keep the tuned parameters.
     tuned_vectors: int = 0
+    estimated_bytes: int = 0  # the index in memory, as the chooser sized it for the budget
+    budget_note: str = ""  # why the index leaves over a fifth of the budget unused, if it does
+    target_note: str = ""  # one line when recall@10 falls short of the target, naming the budget that would do
+    budget_for_target: int = 0  # the smallest budget the chooser expects to reach the target; 0 if reached
     faiss_version: str = ""
     created_at: str = ""
     format: int = INDEX_FORMAT

@@ -287,3 +287,23 @@ def test_the_bench_report_reads_in_order_and_fits_80_columns():
     assert "noise" in table and "run_job" not in table and "started_at" not in table
     for line in lines:  # wrapped between words: every word of a line is whole
         assert not line.endswith("-") or line.endswith(" -")
+
+
+def test_the_run_summary_says_when_an_index_falls_short_of_its_target(capsys):
+    from loupe.jobs.console import print_summary
+    from loupe.jobs.runner import JobResult
+    from loupe.schemas.records import IndexRecord
+
+    note = "recall@10 0.790 falls short of the target 0.95: no finer code fits in 192 MB; the chooser expects a budget of 530 MB to reach it"
+    record = IndexRecord(
+        kind="ivf_pq", factory="OPQ175_700,IVF1024_HNSW32,PQ175x8np", params={}, vectors=1_000_000, dim=768,
+        recall_at_10=0.79, target_recall=0.95, build_seconds=1.0, target_note=note, budget_for_target=530_000_000,
+    )
+    result = JobResult(
+        output="out", shards_total=1, shards_done=1, shards_skipped=0, rows_ok=1, rows_error=0, seconds=1.0,
+        images_this_run=1, indexes={"image": record},
+    )
+    print_summary(result, JobConfig(input="in", output="out"), 1.0)
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "image index 1000000 vectors, OPQ175_700,IVF1024_HNSW32,PQ175x8np, recall@10 0.790" in shown
+    assert " ".join(note.split()) in " ".join(shown.replace("│", " ").split())

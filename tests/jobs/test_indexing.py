@@ -402,3 +402,28 @@ def test_extending_past_what_the_index_suits_rebuilds_it(tmp_path, data):
     grow(storage, uri, first + more)
     after = build_output_index(uri, memory_budget=GB, incremental=True)
     assert after.kind == "hnsw" and after.vectors == len(data) and after.tuned_vectors == len(data)
+
+
+def test_an_index_short_of_its_target_names_the_budget_that_would_reach_it(tmp_path, data):
+    from loupe.workers.storage import LocalStorage
+
+    uri = str(tmp_path / "out")
+    storage = LocalStorage()
+    write_manifest(storage.write_bytes, uri, write_job(storage.write_bytes, uri, data, 2))
+    runner = CliRunner()
+    tight = runner.invoke(app, ["index", uri, "--memory-budget", "250kB", "--target-recall", "0.99"])
+    assert tight.exit_code == 0, tight.output
+    record = IndexRecord.from_json(registered(uri, "record").read_bytes())
+    assert record.kind == "ivf_pq" and record.recall_at_10 < 0.99
+    assert record.estimated_bytes <= 250_000 and record.budget_note == ""  # it spends the budget
+    # One line says so, and index.json records it with the budget the chooser expects to do.
+    assert record.budget_for_target > 250_000
+    assert re.fullmatch(
+        rf"recall@10 {record.recall_at_10:.3f} falls short of the target 0.99: no finer code fits in 250 kB; "
+        r"the chooser expects a budget of [0-9.]+ [kM]B to reach it",
+        record.target_note,
+    )
+    assert tight.output.splitlines()[1:] == [record.target_note]
+    # That budget buys a finer index, and the recall with it.
+    roomy = build_output_index(uri, memory_budget=record.budget_for_target, target_recall=0.99)
+    assert roomy.recall_at_10 > record.recall_at_10 + 0.05 and roomy.estimated_bytes > 250_000

@@ -11,8 +11,16 @@ import numpy as np
 
 from loupe.schemas.errors import DamagedOutput, UserError
 from loupe.schemas.records import IndexRecord
-from loupe.workers.index.choose import TRAIN_SHARE, IndexChoice, choose_index
-from loupe.workers.index.codes import LLOYD_TRAIN_POINTS, lloyd_ivf, train_lloyd_max
+from loupe.workers.index.choose import (
+    EXACT_KINDS,
+    TRAIN_SHARE,
+    IndexChoice,
+    budget_for_recall,
+    budget_note,
+    choose_index,
+    format_size,
+)
+from loupe.workers.index.codes import LLOYD_TRAIN_POINTS, lloyd_ivf, opq_ivf, train_balanced_opq, train_lloyd_max
 from loupe.workers.index.library import faiss
 from loupe.workers.index.tune import TUNING_QUERIES, tune_search
 
@@ -59,6 +67,7 @@ def build_index(
     if sampler is None or n == 0:
         raise UserError("there are no vectors to index")
     dim = sampler.dim
+    by_chooser = choice is None  # sized for the budget by choose_index
     choice = choice or choose_index(n, dim, memory_budget_bytes)
     n_queries = min(tuning_queries, max(1, n // 10), sampler.filled)
     queries, query_rows, train = sampler.split(n_queries, choice.train_vectors)
@@ -109,9 +118,21 @@ def build_index(
         memory_budget=memory_budget_bytes,
         seed=seed,
         tuned_vectors=n,
+        estimated_bytes=choice.estimated_bytes,
+        budget_note=budget_note(choice, n, dim, memory_budget_bytes) if by_chooser else "",
         faiss_version=faiss.__version__,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+    if recall < target_recall:
+        record.target_note = f"recall@10 {recall:.3f} falls short of the target {target_recall}"
+        if by_chooser and choice.kind not in EXACT_KINDS:
+            record.budget_for_target = budget_for_recall(n, dim, memory_budget_bytes, target_recall, recall)
+            record.target_note += (
+                f": no finer code fits in {format_size(memory_budget_bytes)}; the chooser expects a budget of "
+                f"{format_size(record.budget_for_target)} to reach it"
+            )
+        else:
+            record.target_note += " at the widest search tried"
     return index, record
 
 
@@ -226,15 +247,19 @@ def _train(index: faiss.Index, train: np.ndarray) -> None:
         # from random starts, settles far from the optimum; train_lloyd_max replaces its result.
         lloyd.pq.cp.niter = 0
         lloyd.pq.cp.min_points_per_centroid = 1  # nor warn about its sample size, unused
+    opq = opq_ivf(index)
     clustering = None
     if ivf is not None and _gpu_count() > 0:
         # k-means is where the time goes; a GPU flat index does its assignments, while the
         # coarse quantizer (HNSW, which has no GPU version) receives the centroids afterwards.
         # `clustering` keeps the GPU index alive: the C++ field does not own it.
-        clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(ivf.d, ivf.metric_type))
+        clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(train.shape[1] if opq else ivf.d, ivf.metric_type))
         ivf.clustering_index = clustering
     try:
-        index.train(train)
+        if opq is not None:
+            train_balanced_opq(index, train, clustering)
+        else:
+            index.train(train)
     finally:
         if clustering is not None:
             ivf.clustering_index = None  # GPU resources must not outlive training or reach the file

@@ -64,6 +64,41 @@ def lloyd_max(values: np.ndarray, levels: int, iterations: int = LLOYD_ITERATION
     return points
 
 
+def opq_ivf(index: faiss.Index) -> tuple[Any, Any] | None:
+    """(the OPQ rotation, the IVF behind it) when `index` is an OPQ-rotated IVF, else None."""
+    index = faiss.downcast_index(index)
+    if not isinstance(index, faiss.IndexPreTransform) or index.chain.size() != 1:
+        return None
+    rotation = faiss.downcast_VectorTransform(index.chain.at(0))
+    ivf = faiss.try_extract_index_ivf(index)
+    if not isinstance(rotation, faiss.OPQMatrix) or ivf is None:
+        return None
+    return rotation, faiss.downcast_index(ivf)
+
+
+def train_balanced_opq(index: faiss.Index, sample: np.ndarray, clustering_index: Any = None) -> None:
+    """Train an OPQ-rotated IVF-PQ with the parametric OPQ rotation of its IVF residuals.
+
+    The lists come first, by k-means on the sample as IVF training runs it (a rotation does not
+    change which centroid is nearest); the rotation then balances the residuals the PQ encodes,
+    not the vectors, whose spread is mostly between lists; the PQ trains last, behind it.
+    """
+    rotation, ivf = opq_ivf(index)
+    kmeans = faiss.Clustering(sample.shape[1], ivf.nlist, ivf.cp)
+    assign = faiss.IndexFlat(sample.shape[1], ivf.metric_type)
+    kmeans.train(sample, clustering_index if clustering_index is not None else assign)
+    centroids = faiss.vector_to_array(kmeans.centroids).reshape(ivf.nlist, -1)
+    assign.reset()
+    assign.add(centroids)
+    residuals = sample[:LLOYD_TRAIN_POINTS] - centroids[assign.assign(sample[:LLOYD_TRAIN_POINTS], 1).ravel()]
+    matrix = balanced_rotation(residuals, ivf.pq.M, rotation.d_out)
+    faiss.copy_array_to_vector(matrix.ravel(), rotation.A)
+    rotation.is_trained = True
+    ivf.quantizer.reset()
+    ivf.quantizer.add(np.ascontiguousarray(centroids @ matrix.T))
+    index.train(sample)  # the rotation and the lists are trained: only the PQ is left
+
+
 def _pre_transform(index: faiss.Index, vectors: np.ndarray) -> np.ndarray:
     """`vectors` as the IVF inside `index` sees them: through its rotation, if it has one."""
     index = faiss.downcast_index(index)
@@ -80,3 +115,36 @@ def ready_to_add(index: faiss.Index) -> None:
         # Encodes one-dimensional sub-vectors ~10x faster; the codes are the same.
         lloyd.pq.sync_transposed_centroids()
 
+
+
+def balanced_rotation(residuals: np.ndarray, m: int, d_out: int) -> np.ndarray:
+    """The (d_out, d) rotation that gives each of a PQ's m sub-vectors an equal share of the variance.
+
+    Parametric OPQ (Ge et al., "Optimized Product Quantization", 2013): project the residuals
+    on their principal axes (keeping the d_out of most variance) and deal the axes out to the m
+    sub-vectors so that the product of each sub-vector's variances is as even as can be: in
+    rounds of m, the axis of most variance goes to the sub-vector whose product is smallest.
+    For Gaussian data this is the rotation of least PQ distortion, found in one eigendecomposition
+    where faiss's OPQ iterates the whole PQ training ~50 times from a random rotation.
+    """
+    dsub = d_out // m
+    if dsub * m != d_out:
+        raise ValueError(f"{d_out} dimensions do not split into {m} sub-vectors")
+    covariance = np.zeros((residuals.shape[1],) * 2)
+    for start in range(0, len(residuals), RESIDUAL_BATCH):
+        batch = residuals[start : start + RESIDUAL_BATCH].astype(np.float64)
+        covariance += batch.T @ batch
+    variances, axes = np.linalg.eigh(covariance / max(len(residuals), 1))
+    order = np.argsort(-variances)
+    log_product = np.zeros(m)
+    groups: list[list[int]] = [[] for _ in range(m)]
+    for round_ in range(min(dsub, -(-len(order) // m))):
+        for axis, group in zip(order[round_ * m : (round_ + 1) * m], np.argsort(log_product, kind="stable")):
+            groups[group].append(axis)
+            log_product[group] += np.log(max(variances[axis], 1e-30))
+    # Rows past the data's dimension (d_out > d pads with zero rows, as faiss's OPQ does) stay zero.
+    rotation = np.zeros((dsub * m, residuals.shape[1]), dtype=np.float32)
+    for group, axes_of_group in enumerate(groups):
+        for slot, axis in enumerate(axes_of_group):
+            rotation[group * dsub + slot] = axes[:, axis]
+    return rotation

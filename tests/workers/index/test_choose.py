@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import faiss
+import numpy as np
 import pytest
 
 from loupe.schemas.errors import UserError
-from loupe.workers.index.choose import TRAIN_SHARE, choose_index, parse_size
+from loupe.workers.index.choose import HNSW_MIN_M, TRAIN_SHARE, choose_index, parse_size
 
 GB = 10**9
 
@@ -47,16 +48,50 @@ def test_large_sets_get_compressed_codes_within_the_budget():
     # Room for a byte a dimension and the rest: SQ8, scanned fastest.
     roomy = choose_index(1_000_000, 768, 800_000_000)
     assert (roomy.kind, roomy.factory) == ("ivf_sq", "IVF4096_HNSW32,SQ8")
-    # Less room, fewer bits: 6, then 5 bits a dimension, then SQ4.
+    # Less room, fewer bits: 6, then 5 bits a dimension.
     assert choose_index(1_000_000, 768, 600_000_000).factory.endswith(",PQ768x6np")
     assert choose_index(1_000_000, 768, 500_000_000).factory.endswith(",PQ768x5np")
-    assert choose_index(1_000_000, 768, 400_000_000).factory.endswith(",SQ4")
-    # Half that budget cannot hold 39 training points for each of 4096 lists.
-    assert choose_index(1_000_000, 768, 384_000_000).factory.startswith("IVF2048_HNSW32")
-    # A hundred million vectors in 4 GB: PQ behind an OPQ rotation, an HNSW coarse quantizer.
+
+
+def test_below_five_bits_a_dimension_pq_behind_opq_takes_every_byte_that_fits():
+    # 1/8 of flat's bytes: 384 a vector, less 8 of id and 1% of slack for the allocator, less
+    # the centroids (2048 lists: 39 training points each is all the budget's sample holds), the
+    # rotation and the codebooks: 362 bytes, two dimensions each, the 44 least spread axes left out.
+    choice = choose_index(1_000_000, 768, 384_000_000)
+    assert choice.kind == "ivf_pq" and choice.factory == "OPQ362_724,IVF2048_HNSW32,PQ362x8np"
+    assert (choice.m, choice.opq_dim, choice.nlist) == (362, 724, 2048)
+    assert choice.estimated_bytes == (
+        1_000_000 * (362 + 8) + 2048 * (4 * 724 + 8 * 32) + 4 * 768 * 724 + 4 * 256 * 724
+    )
+    assert 0.98 * 384_000_000 < choice.estimated_bytes <= 0.99 * 384_000_000
+    # Up to a byte a pair of dimensions, however large the budget below 5-bit Lloyd-Max codes'.
+    assert choose_index(1_000_000, 768, 470_000_000).factory == "OPQ384_768,IVF2048_HNSW32,PQ384x8np"
+    # 1/16: 175 bytes, four dimensions each.
+    assert choose_index(1_000_000, 768, 192_000_000).factory == "OPQ175_700,IVF1024_HNSW32,PQ175x8np"
+    # A hundred million vectors in 4 GB: 31 bytes over 24 dimensions each, an HNSW coarse quantizer.
     big = choose_index(100_000_000, 768, 4 * GB)
-    assert big.kind == "ivf_pq" and big.factory.startswith("OPQ") and "_HNSW32," in big.factory
-    assert big.factory.endswith(f"PQ{big.m}x8np") and big.m <= 768 // 4
+    assert big.factory == "OPQ31_744,IVF16384_HNSW32,PQ31x8np" and big.estimated_bytes <= 4 * GB
+
+
+def test_pq_refuses_budgets_below_eight_bytes_a_vector():
+    # 8 bytes of code, 8 of id, and the centroids, rotation and slack: 17 bytes a vector fit, 16 do not.
+    assert choose_index(1_000_000, 64, 17_000_000).factory == "OPQ8_64,IVF1024_HNSW32,PQ8x8np"
+    with pytest.raises(UserError, match="too small"):
+        choose_index(1_000_000, 64, 16_000_000)
+
+
+@pytest.mark.parametrize("dim", [64, 384, 768])
+def test_the_budget_is_spent_whenever_a_finer_index_would_fit(dim):
+    """Where the choice leaves more than a fifth of the budget unused, nothing finer fits in it."""
+    n = 1_000_000
+    for budget in np.geomspace(n * 20, n * 4 * dim * 1.2, 60).astype(int):
+        choice = choose_index(n, dim, int(budget))
+        if choice.estimated_bytes >= 0.8 * budget:
+            continue
+        # SQ8 is the finest code: the next finer index keeps every vector whole (IVF-Flat from
+        # 1M vectors on, or HNSW), which needs 4·dim bytes a vector and more.
+        assert choice.kind == "ivf_sq" and choice.factory.endswith(",SQ8"), (budget, choice)
+        assert budget < n * (4 * dim + 8 * HNSW_MIN_M)
 
 
 @pytest.mark.parametrize("n", [10_000, 123_456, 1_000_000, 30_000_000, 2_000_000_000])
