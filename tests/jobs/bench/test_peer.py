@@ -60,6 +60,16 @@ def test_both_systems_at_every_budget_on_the_same_inputs(tmp_path):
     assert all(len(line) <= 80 for line in shown.splitlines()), shown
     assert shown.count("autofaiss") == 2 and shown.count("loupe") >= 2
     json.dumps(result)
+    # A rerun on the same inputs keeps the peer's rows (half an hour a budget at 1M x 768) and says
+    # so; on other inputs the peer runs again.
+    broken = tmp_path / "broken-python"
+    broken.write_text(f"#!{sys.executable}\nraise SystemExit('not run')\n")
+    broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
+    again = compare(12_000, 64, budgets=parse_budgets("1/4,1/2"), work=tmp_path / "work", python=broken, queries=50)
+    assert [r for r in again["rows"] if r["system"] == "autofaiss"] == rows[::2]
+    assert "2 autofaiss rows are from an earlier run" in " ".join(table(again).split())
+    with pytest.raises(RuntimeError, match="autofaiss failed.*not run"):
+        compare(12_000, 64, budgets=parse_budgets("1/4"), work=tmp_path / "work", python=broken, queries=40)
     with pytest.raises(UserError, match="too small"):  # from the build's own process, in one line
         compare(12_000, 64, budgets=parse_budgets("1/64"), work=tmp_path / "work", python=fake, queries=50)
 
