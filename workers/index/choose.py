@@ -25,8 +25,9 @@ MIN_POINTS_PER_CENTROID = 39  # ...and faiss warns below 39
 MAX_NLIST = 1 << 18
 HEAP_SLACK = 100  # 1/100 of the budget
 PQ_MIN_BYTES = 8  # below 8 bytes a vector no code tells neighbours apart
+PQ_STEPS = sorted({int(2 ** (i / 8)) // 4 * 4 for i in range(24, 105)})  # 8 ... 8192 bytes, ~9% apart
 PQ_TRAIN_POINTS = 256 * MIN_POINTS_PER_CENTROID
-LLOYD_BITS = (7, 6, 5)  # per dimension, between SQ8 and SQ4
+LLOYD_BITS = (7, 6, 5)  # per dimension, between SQ8 and PQ
 ID_BYTES = 8  # faiss stores an int64 id beside every code in an inverted list
 # Of the memory budget, for the training sample: the index is still empty while it trains, and
 # every list needs 39 points. More lists mean shorter lists to scan (1M x 768 with SQ6: 3.5 ms a
@@ -50,14 +51,15 @@ class IndexChoice:
 
 
 def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int) -> IndexChoice:
-    """The index for `n_vectors` unit vectors of `dim` within the budget, by autofaiss's rules.
+    """The index for `n_vectors` unit vectors of `dim` within the budget.
 
     Flat below FLAT_MAX_VECTORS; else HNSW with the densest graph (8..32) that fits; else, below
     1M vectors, IVF with flat lists if they fit; else IVF (with an HNSW coarse quantizer when
-    the lists are many) with the most precise codes that fit: 8 bits per dimension (SQ8), then
-    7, 6 or 5 (a Lloyd-Max codebook per dimension behind a random rotation), then 4 (SQ4), then
-    PQ (behind an OPQ rotation where sub-vectors are long) with the largest code. nlist is the
-    power of two nearest 4·sqrt(n), lowered until the training sample (at most TRAIN_SHARE of the budget) holds MIN_POINTS_PER_CENTROID points per list.
+    the lists are many) with the most precise codes that fit: 8 bits a dimension (SQ8), then
+    7, 6 or 5 (a Lloyd-Max codebook per dimension behind a random rotation), then PQ with 8-bit
+    codes over two dimensions or more behind parametric OPQ, as many bytes as fit. nlist is the
+    power of two nearest 4·sqrt(n), lowered until the training sample (at most TRAIN_SHARE of
+    the budget) holds MIN_POINTS_PER_CENTROID points per list. A pure function of its arguments.
     """
     if n_vectors < 1:
         raise UserError("there are no vectors to index")
@@ -154,7 +156,10 @@ def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int) -> IndexCho
     fixed = quantizer_bytes(dim) + 4 * dim * dim + 4 * 256 * dim
     # Sized to the byte, so keep the allocator's share: a loaded index holds ~0.6% more heap than its
     # codes, ids and centroids (list headers, the graph's upper layers; 1M x PQ192: 208.0 MB for 206.8).
-    m = min(dim // 2, (budget - budget // HEAP_SLACK - fixed) // n - ID_BYTES)
+    fits = min(dim // 2, (budget - budget // HEAP_SLACK - fixed) // n - ID_BYTES)
+    # On a ladder of sizes ~9% apart, not to the byte: a growing catalog keeps its index (new
+    # vectors are added to it) until it outgrows the step, instead of a rebuild at every run.
+    m = max((step for step in (*PQ_STEPS, dim // 2) if step <= fits), default=0)
     if m < PQ_MIN_BYTES:
         raise too_small
     out_dim = m * (dim // m)
