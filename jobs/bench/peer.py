@@ -137,7 +137,7 @@ def _loupe(data: ClusteredVectors, budget: int, xq: np.ndarray, truth: np.ndarra
     path = str(work / "loupe.faiss")
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    child = context.Process(target=_build, args=(data.n, data.dim, seed, budget, k, path, results))
+    child = context.Process(target=_build, args=(str(work / "vectors"), data.n, budget, k, seed, path, results))
     child.start()
     built = child_result(child, results, BUILD_TIMEOUT_S)
     if "error" in built:
@@ -156,12 +156,18 @@ def _loupe(data: ClusteredVectors, budget: int, xq: np.ndarray, truth: np.ndarra
     }
 
 
-def _build(n: int, dim: int, seed: int, budget: int, k: int, path: str, results) -> None:
-    """In a process of its own: build loupe's index for the budget, write it, report its peak memory."""
+def _build(folder: str, n: int, budget: int, k: int, seed: int, path: str, results) -> None:
+    """In a process of its own: build loupe's index for the budget, write it, report its peak memory.
+
+    The vectors are read from the .npy files autofaiss reads, a part at a time, so the peak is the
+    build's own: the training sample, the index and one part, not the making of synthetic vectors.
+    """
     use_cpu_share()
+    files = sorted(Path(folder).glob("part-*.npy"))
     try:
         index, record = build_index(
-            ClusteredVectors(n, dim, seed), memory_budget_bytes=budget, target_recall=0.95, k=k, seed=seed, vectors_hint=n
+            lambda: (np.load(file) for file in files),
+            memory_budget_bytes=budget, target_recall=0.95, k=k, seed=seed, vectors_hint=n,
         )
     except UserError as exc:  # a budget too small for any index: the parent says it in one line
         results.put({"error": str(exc)})
