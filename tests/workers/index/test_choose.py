@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 
 from loupe.schemas.errors import UserError
-from loupe.workers.index.choose import HNSW_MIN_M, TRAIN_SHARE, choose_index, parse_size
+from loupe.workers.index.choose import (
+    EXACT_KINDS,
+    HNSW_MIN_M,
+    TRAIN_SHARE,
+    budget_for_recall,
+    budget_note,
+    choose_index,
+    expected_recall,
+    parse_size,
+)
 
 GB = 10**9
 
@@ -157,3 +166,32 @@ def test_parse_size(text, size):
 def test_bad_sizes_are_user_errors(text):
     with pytest.raises(UserError, match="size"):
         parse_size(text)
+
+
+def test_a_budget_left_unused_is_explained_and_a_spent_one_is_not():
+    n = 1_000_000
+    assert budget_note(choose_index(n, 768, 384_000_000), n, 768, 384_000_000) == ""
+    half = choose_index(n, 768, 1_536_000_000)
+    assert budget_note(half, n, 768, 1_536_000_000) == (
+        "uses 51% of the 1.54 GB budget: SQ8 is the finest code, and an index of whole vectors (HNSW) needs 3.14 GB"
+    )
+    assert budget_note(choose_index(5_000, 768, GB), 5_000, 768, GB).endswith(": exact search needs no more")
+    assert budget_note(choose_index(50_000, 768, GB), 50_000, 768, GB).endswith("searches no better")
+
+
+def test_the_budget_named_for_a_target_is_the_smallest_expected_to_reach_it():
+    n, dim, budget = 1_000_000, 768, 192_000_000
+    choice = choose_index(n, dim, budget)
+    assert choice.kind == "ivf_pq" and expected_recall(choice, dim) < 0.95
+    # Measured as expected: the first budget whose code is expected to reach 0.95.
+    named = budget_for_recall(n, dim, budget, 0.95, measured=expected_recall(choice, dim))
+    assert expected_recall(choose_index(n, dim, named), dim) >= 0.95
+    assert expected_recall(choose_index(n, dim, int(named / 1.05)), dim) < 0.95
+    # Vectors harder than the benchmark's (0.1 short of what was expected) need a finer code still.
+    harder = budget_for_recall(n, dim, budget, 0.95, measured=expected_recall(choice, dim) - 0.1)
+    assert harder > named
+    # Short by more than any code makes up: an index of whole vectors.
+    assert choose_index(n, dim, budget_for_recall(n, dim, budget, 0.95, measured=0.2)).kind in EXACT_KINDS
+    # More bits a dimension, more recall expected.
+    recalls = [expected_recall(choose_index(n, dim, int(3.072 * GB * s)), dim) for s in (1 / 16, 1 / 8, 1 / 4, 1 / 2)]
+    assert recalls == sorted(recalls) and recalls[0] < recalls[-1]
