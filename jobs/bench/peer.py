@@ -134,7 +134,7 @@ def _peer(python: Path, work: Path, budget: int) -> dict:
 
 
 def _loupe(data: ClusteredVectors, budget: int, xq: np.ndarray, truth: np.ndarray, k: int, seed: int, work: Path) -> dict:
-    path = str(work / "loupe.faiss")
+    path = str(work / f"loupe-{budget}.faiss")  # one file a budget, left for a second look
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     child = context.Process(target=_build, args=(str(work / "vectors"), data.n, budget, k, seed, path, results))
