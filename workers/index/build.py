@@ -24,6 +24,7 @@ from loupe.workers.index.codes import LLOYD_TRAIN_POINTS, lloyd_ivf, opq_ivf, tr
 from loupe.workers.index.library import faiss
 from loupe.workers.index.tune import TUNING_QUERIES, tune_search
 
+ADD_ROWS = 16_384  # 48 MB of 768-dim vectors
 VectorSource = Callable[[], Iterable[np.ndarray]] | Sequence[np.ndarray]
 
 
@@ -87,7 +88,9 @@ def build_index(
     added = 0
     for batch in source():
         batch = as_vectors(batch, dim)
-        index.add(batch)
+        # A slice at a time: faiss holds the slice rotated, its residuals and its codes while adding.
+        for start in range(0, len(batch), ADD_ROWS):
+            index.add(batch[start : start + ADD_ROWS])
         if heap is not None:
             distances, labels = faiss.knn(
                 queries, batch, min(k + 1, len(batch)), metric=faiss.METRIC_INNER_PRODUCT

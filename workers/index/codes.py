@@ -92,11 +92,14 @@ def train_balanced_opq(index: faiss.Index, sample: np.ndarray, clustering_index:
     assign.add(centroids)
     residuals = sample[:LLOYD_TRAIN_POINTS] - centroids[assign.assign(sample[:LLOYD_TRAIN_POINTS], 1).ravel()]
     matrix = balanced_rotation(residuals, ivf.pq.M, rotation.d_out)
+    del residuals
     faiss.copy_array_to_vector(matrix.ravel(), rotation.A)
     rotation.is_trained = True
     ivf.quantizer.reset()
     ivf.quantizer.add(np.ascontiguousarray(centroids @ matrix.T))
-    index.train(sample)  # the rotation and the lists are trained: only the PQ is left
+    # The rotation and the lists are trained: only the PQ is left, which samples this many points
+    # anyway (faiss keeps max_points_per_centroid of each centroid's); fewer rows rotated and copied.
+    index.train(sample[: ivf.pq.cp.max_points_per_centroid * ivf.pq.ksub])
 
 
 def _pre_transform(index: faiss.Index, vectors: np.ndarray) -> np.ndarray:
