@@ -25,7 +25,7 @@ MIN_POINTS_PER_CENTROID = 39  # ...and faiss warns below 39
 MAX_NLIST = 1 << 18
 HEAP_SLACK = 100  # 1/100 of the budget
 PQ_MIN_BYTES = 8  # below 8 bytes a vector no code tells neighbours apart
-PQ_STEPS = sorted({int(2 ** (i / 8)) // 4 * 4 for i in range(24, 105)})  # 8 ... 8192 bytes, ~9% apart
+PQ_STEPS = sorted({int(2 ** (i / 16)) for i in range(48, 209)})  # 8 ... 8192 bytes, ~4.4% apart
 PQ_TRAIN_POINTS = 256 * MIN_POINTS_PER_CENTROID
 LLOYD_BITS = (7, 6, 5)  # per dimension, between SQ8 and PQ
 ID_BYTES = 8  # faiss stores an int64 id beside every code in an inverted list
@@ -157,7 +157,7 @@ def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int) -> IndexCho
     # Sized to the byte, so keep the allocator's share: a loaded index holds ~0.6% more heap than its
     # codes, ids and centroids (list headers, the graph's upper layers; 1M x PQ192: 208.0 MB for 206.8).
     fits = min(dim // 2, (budget - budget // HEAP_SLACK - fixed) // n - ID_BYTES)
-    # On a ladder of sizes ~9% apart, not to the byte: a growing catalog keeps its index (new
+    # On a ladder of sizes ~4.4% apart, not to the byte: a growing catalog keeps its index (new
     # vectors are added to it) until it outgrows the step, instead of a rebuild at every run.
     m = max((step for step in (*PQ_STEPS, dim // 2) if step <= fits), default=0)
     if m < PQ_MIN_BYTES:

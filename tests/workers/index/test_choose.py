@@ -65,26 +65,26 @@ def test_large_sets_get_compressed_codes_within_the_budget():
 def test_below_five_bits_a_dimension_pq_behind_opq_takes_every_byte_that_fits():
     # 1/8 of flat's bytes: 384 a vector, less 8 of id and 1% of slack for the allocator, less
     # the centroids (2048 lists: 39 training points each is all the budget's sample holds), the
-    # rotation and the codebooks leave 366 bytes; the ladder's step below is 360: two dimensions
-    # each, the 48 least spread axes left out.
+    # rotation and the codebooks leave 366 bytes; the ladder's step below is 362: two dimensions
+    # each, the 44 least spread axes left out.
     choice = choose_index(1_000_000, 768, 384_000_000)
-    assert choice.kind == "ivf_pq" and choice.factory == "OPQ360_720,IVF2048_HNSW32,PQ360x8np"
-    assert (choice.m, choice.opq_dim, choice.nlist) == (360, 720, 2048)
+    assert choice.kind == "ivf_pq" and choice.factory == "OPQ362_724,IVF2048_HNSW32,PQ362x8np"
+    assert (choice.m, choice.opq_dim, choice.nlist) == (362, 724, 2048)
     assert choice.estimated_bytes == (
-        1_000_000 * (360 + 8) + 2048 * (4 * 720 + 8 * 32) + 4 * 768 * 720 + 4 * 256 * 720
+        1_000_000 * (362 + 8) + 2048 * (4 * 724 + 8 * 32) + 4 * 768 * 724 + 4 * 256 * 724
     )
     assert 0.98 * 384_000_000 < choice.estimated_bytes <= 0.99 * 384_000_000
     # A catalog that grows by less than a step keeps its index's shape, so it is extended, not rebuilt.
-    grown = choose_index(1_000_000, 768, 400_000_000).factory
-    assert choose_index(1_040_000, 768, 400_000_000).factory == grown == choice.factory
-    assert choose_index(1_100_000, 768, 384_000_000).factory == "OPQ328_656,IVF2048_HNSW32,PQ328x8np"
+    grown = choose_index(1_000_000, 768, 395_000_000).factory
+    assert choose_index(1_020_000, 768, 395_000_000).factory == grown == choice.factory
+    assert choose_index(1_100_000, 768, 384_000_000).factory == "OPQ317_634,IVF2048_HNSW32,PQ317x8np"
     # Up to a byte a pair of dimensions, however large the budget below 5-bit Lloyd-Max codes'.
     assert choose_index(1_000_000, 768, 470_000_000).factory == "OPQ384_768,IVF2048_HNSW32,PQ384x8np"
-    # 1/16: 164 bytes, four dimensions each.
-    assert choose_index(1_000_000, 768, 192_000_000).factory == "OPQ164_656,IVF1024_HNSW32,PQ164x8np"
-    # A hundred million vectors in 4 GB: 28 bytes over 27 dimensions each, an HNSW coarse quantizer.
+    # 1/16: 173 bytes, four dimensions each.
+    assert choose_index(1_000_000, 768, 192_000_000).factory == "OPQ173_692,IVF1024_HNSW32,PQ173x8np"
+    # A hundred million vectors in 4 GB: 30 bytes over 25 dimensions each, an HNSW coarse quantizer.
     big = choose_index(100_000_000, 768, 4 * GB)
-    assert big.factory == "OPQ28_756,IVF16384_HNSW32,PQ28x8np" and big.estimated_bytes <= 4 * GB
+    assert big.factory == "OPQ30_750,IVF16384_HNSW32,PQ30x8np" and big.estimated_bytes <= 4 * GB
 
 
 def test_pq_refuses_budgets_below_eight_bytes_a_vector():
