@@ -87,14 +87,18 @@ def bench_serve(
     }
 
 
+def _fit(line: str, width: int) -> str:
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The result in lines of at most 80 characters, but for the catalog's path on the first."""
     peak, resident = result.get("server_peak_bytes"), result.get("server_resident_bytes")
     lines = [
         f"loupe serve search benchmark: {result['output']}",
-        f"{result['kind']} index, k={result['k']}, query {result['query']!r}; server up in "
-        f"{result['server_startup_seconds']:.1f} s"
-        + (f", {resident / 2**30:.2f} GiB (peak {peak / 2**30:.2f})" if peak and resident else ""),
+        _fit(f"{result['kind']} index, k={result['k']}, query {result['query']!r}", 80),
+        f"server up in {result['server_startup_seconds']:.1f} s"
+        + (f", {resident / 2**30:.2f} GiB resident (peak {peak / 2**30:.2f})" if peak and resident else ""),
         f"{'clients':>8} {'requests':>9} {'p50 ms':>9} {'p99 ms':>9} {'requests/s':>11} {'errors':>7}",
     ]
     for level in result["levels"]:

@@ -68,7 +68,7 @@ def test_bench_serve_answers_every_client_count_with_real_hits(catalog):
         assert 0 < level["p50_ms"] <= level["p99_ms"] and level["requests_per_second"] > 0
     lines = format_table(data).splitlines()
     assert lines[0] == f"loupe serve search benchmark: {output}"
-    assert [line.split()[:2] for line in lines[3:5]] == [["1", "16"], ["4", "16"]]
+    assert [line.split()[:2] for line in lines[4:6]] == [["1", "16"], ["4", "16"]]
     assert all(len(line) <= 80 for line in lines[1:])
 
 
@@ -98,3 +98,17 @@ def test_bad_client_counts_are_one_line():
     result = runner.invoke(app, ["bench", "serve", "/nowhere", "--clients", "1,x"])
     assert result.exit_code == 2 and "--clients takes comma-separated positive counts" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_table_keeps_to_80_columns_however_slow_the_machine_or_long_the_query():
+    from loupe.jobs.serve.bench import format_table
+
+    slow = {
+        "output": "out", "kind": "image", "k": 10, "query": "a very long query " * 10,
+        "server_startup_seconds": 1234.5, "server_peak_bytes": 123 * 2**30, "server_resident_bytes": 100 * 2**30,
+        "levels": [{"clients": 128, "requests": 100000, "p50_ms": 123456.7, "p99_ms": 1234567.8,
+                    "requests_per_second": 0.1, "errors": 99999}],
+    }
+    lines = format_table(slow).splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    assert lines[1].startswith("image index, k=10, query 'a very long query") and lines[1].endswith("...")
