@@ -26,4 +26,4 @@ def test_concurrent_clients_are_timed_and_checked(site):
     })
     lines = table.splitlines()
     assert lines[0].startswith("loupe serve search benchmark: /data/out") and lines[-1].endswith("7.50 s")
-    assert lines[3].split()[:2] == ["4", "12"]
+    assert lines[4].split()[:2] == ["4", "12"]
