@@ -21,6 +21,7 @@ from loupe.jobs.bench.faulty_s3 import (
     INTERNAL_ERROR,
     RESET_GET,
     SLOWDOWN,
+    Fault,
     FaultyS3,
 )
 from tests.jobs.outputs import assert_same, rows_of
@@ -183,6 +184,9 @@ def test_a_job_on_a_misbehaving_s3_equals_a_clean_run(s3_client, s3_bucket, s3_e
     run_job(config(source, f"s3://{s3_bucket}/clean", tiny_llava, endpoint_url=s3_endpoint))
     rates = {SLOWDOWN: 0.04, INTERNAL_ERROR: 0.04, RESET_GET: 0.08, DROP_REPLY: 0.08, DELAY: 0.04}
     with FaultyS3(s3_endpoint, seed=3, rates=rates, delay_s=0.05) as proxy:
+        # Beside the seeded schedule (whose draws follow the order concurrent requests come in),
+        # an image read reset and an output write applied but unanswered, whatever the order.
+        proxy.script(Fault(RESET_GET, f"GET /{s3_bucket}/in/"), Fault(DROP_REPLY, f"PUT /{s3_bucket}/faulty/"))
         result = run_job(config(source, f"s3://{s3_bucket}/faulty", tiny_llava, endpoint_url=proxy.url))
     print(f"\nfaults met by the job on S3: {dict(sorted(proxy.counts.items()))} in {proxy.requests} requests")
     assert result.complete and "read_failed" not in result.error_codes

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -153,7 +154,10 @@ def test_a_driver_killed_mid_multipart_upload_leaves_no_part_and_the_rerun_abort
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"{len(left)} unfinished from an earlier run, aborted" in rerun.stdout, rerun.stdout
+    # The summary counts what the rerun's start-up sweep aborted: at least the killed part's. An
+    # upload of the other shard's may instead be aborted when the rerun writes that same part.
+    reported = re.search(r"(\d+) unfinished from an earlier run, aborted", rerun.stdout)
+    assert reported and 1 <= int(reported.group(1)) <= len(left), rerun.stdout
     assert _open_uploads(s3_client, s3_bucket) == []
     with pytest.raises(ClientError, match="NoSuchUpload"):
         s3_client.list_parts(Bucket=s3_bucket, Key=key, UploadId=upload["UploadId"])  # aborted, not completed
