@@ -21,6 +21,7 @@ from loupe.workers.index.choose import (
     format_size,
 )
 from loupe.workers.index.codes import LLOYD_TRAIN_POINTS, lloyd_ivf, opq_ivf, train_balanced_opq, train_lloyd_max
+from loupe.workers.index.fill import ExactFill
 from loupe.workers.index.library import faiss
 from loupe.workers.index.tune import TUNING_QUERIES, tune_search
 
@@ -38,6 +39,7 @@ def build_index(
     choice: IndexChoice | None = None,
     vectors_hint: int | None = None,
     tuning_queries: int = TUNING_QUERIES,
+    spill_dir: str | None = None,
 ) -> tuple[faiss.Index, IndexRecord]:
     """Build, fill and tune an inner-product index over L2-normalized float32 vectors.
 
@@ -82,25 +84,27 @@ def build_index(
     else:
         train_count = 0
 
-    # Pass 2: add every vector; the exact neighbours of the queries come from the same pass.
+    # Pass 2: encode every vector; the exact neighbours of the queries come from the same pass.
     exact = choice.kind != "flat"
     heap = faiss.ResultHeap(len(queries), k + 1, keep_max=True) if exact else None
     added = 0
-    for batch in source():
-        batch = as_vectors(batch, dim)
-        # A slice at a time: faiss holds the slice rotated, its residuals and its codes while adding.
-        for start in range(0, len(batch), ADD_ROWS):
-            index.add(batch[start : start + ADD_ROWS])
-        if heap is not None:
-            distances, labels = faiss.knn(
-                queries, batch, min(k + 1, len(batch)), metric=faiss.METRIC_INNER_PRODUCT
+    with ExactFill(index, spill_dir) as fill:
+        for batch in source():
+            batch = as_vectors(batch, dim)
+            # A slice at a time: faiss holds the slice rotated, its residuals and its codes while adding.
+            for start in range(0, len(batch), ADD_ROWS):
+                fill.add(batch[start : start + ADD_ROWS])
+            if heap is not None:
+                distances, labels = faiss.knn(
+                    queries, batch, min(k + 1, len(batch)), metric=faiss.METRIC_INNER_PRODUCT
+                )
+                heap.add_result(_pad(distances, k + 1, -np.inf), _pad(labels + added, k + 1, -1))
+            added += len(batch)
+        if added != n:
+            raise DamagedOutput(
+                f"the vectors changed while the index was built ({n} on the first pass, {added} on the second)"
             )
-            heap.add_result(_pad(distances, k + 1, -np.inf), _pad(labels + added, k + 1, -1))
-        added += len(batch)
-    if added != n:
-        raise DamagedOutput(
-            f"the vectors changed while the index was built ({n} on the first pass, {added} on the second)"
-        )
+        fill.finish()
 
     if heap is not None:
         heap.finalize()
