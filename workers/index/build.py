@@ -20,7 +20,7 @@ from loupe.workers.index.choose import (
     choose_index,
     format_size,
 )
-from loupe.workers.index.codes import LLOYD_TRAIN_POINTS, lloyd_ivf, opq_ivf, train_balanced_opq, train_lloyd_max
+from loupe.workers.index.codes import LLOYD_TRAIN_POINTS, lloyd_ivf, rotated_ivf, train_lloyd_max, train_rotated_ivf
 from loupe.workers.index.fill import ExactFill
 from loupe.workers.index.library import faiss
 from loupe.workers.index.tune import TUNING_QUERIES, tune_search
@@ -67,6 +67,7 @@ def build_index(
             )
         sampler.offer(batch, n)
         n += len(batch)
+        del batch  # before the next is read: one batch in memory at a time, and none while training
     if sampler is None or n == 0:
         raise UserError("there are no vectors to index")
     dim = sampler.dim
@@ -100,6 +101,7 @@ def build_index(
                 )
                 heap.add_result(_pad(distances, k + 1, -np.inf), _pad(labels + added, k + 1, -1))
             added += len(batch)
+            del batch
         if added != n:
             raise DamagedOutput(
                 f"the vectors changed while the index was built ({n} on the first pass, {added} on the second)"
@@ -254,17 +256,17 @@ def _train(index: faiss.Index, train: np.ndarray) -> None:
         # from random starts, settles far from the optimum; train_lloyd_max replaces its result.
         lloyd.pq.cp.niter = 0
         lloyd.pq.cp.min_points_per_centroid = 1  # nor warn about its sample size, unused
-    opq = opq_ivf(index)
+    rotated = rotated_ivf(index) is not None
     clustering = None
     if ivf is not None and _gpu_count() > 0:
         # k-means is where the time goes; a GPU flat index does its assignments, while the
         # coarse quantizer (HNSW, which has no GPU version) receives the centroids afterwards.
         # `clustering` keeps the GPU index alive: the C++ field does not own it.
-        clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(train.shape[1] if opq else ivf.d, ivf.metric_type))
+        clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(train.shape[1] if rotated else ivf.d, ivf.metric_type))
         ivf.clustering_index = clustering
     try:
-        if opq is not None:
-            train_balanced_opq(index, train, clustering)
+        if rotated:
+            train_rotated_ivf(index, train, clustering)  # no rotated copy of the sample
         else:
             index.train(train)
     finally:

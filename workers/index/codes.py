@@ -64,42 +64,68 @@ def lloyd_max(values: np.ndarray, levels: int, iterations: int = LLOYD_ITERATION
     return points
 
 
-def opq_ivf(index: faiss.Index) -> tuple[Any, Any] | None:
-    """(the OPQ rotation, the IVF behind it) when `index` is an OPQ-rotated IVF, else None."""
+def rotated_ivf(index: faiss.Index) -> tuple[Any, Any] | None:
+    """(the rotation, the IVF behind it) when `index` is an IVF behind one OPQ or random rotation, else None."""
     index = faiss.downcast_index(index)
     if not isinstance(index, faiss.IndexPreTransform) or index.chain.size() != 1:
         return None
     rotation = faiss.downcast_VectorTransform(index.chain.at(0))
     ivf = faiss.try_extract_index_ivf(index)
-    if not isinstance(rotation, faiss.OPQMatrix) or ivf is None:
+    if not isinstance(rotation, (faiss.OPQMatrix, faiss.RandomRotationMatrix)) or ivf is None:
         return None
     return rotation, faiss.downcast_index(ivf)
 
 
-def train_balanced_opq(index: faiss.Index, sample: np.ndarray, clustering_index: Any = None) -> None:
-    """Train an OPQ-rotated IVF-PQ with the parametric OPQ rotation of its IVF residuals.
+def train_rotated_ivf(index: faiss.Index, sample: np.ndarray, clustering_index: Any = None) -> None:
+    """Train an IVF behind a rotation without a rotated copy of the sample, which `index.train` makes.
 
-    The lists come first, by k-means on the sample as IVF training runs it (a rotation does not
-    change which centroid is nearest); the rotation then balances the residuals the PQ encodes,
-    not the vectors, whose spread is mostly between lists; the PQ trains last, behind it.
+    The lists come first, by k-means on the sample as IVF training runs it (on a flat index, or
+    `clustering_index`; a rotation changes no distance), and the coarse quantizer receives the
+    rotated centroids.
+    An OPQ rotation is then the parametric OPQ of the IVF residuals, which balances what the PQ
+    encodes, not the vectors, whose spread is mostly between lists; a random rotation is faiss's
+    own. The codes train last, on rotated residuals made a batch at a time: the build holds the
+    sample and one array of residuals no larger than the code's training set.
     """
-    rotation, ivf = opq_ivf(index)
-    kmeans = faiss.Clustering(sample.shape[1], ivf.nlist, ivf.cp)
-    assign = faiss.IndexFlat(sample.shape[1], ivf.metric_type)
+    rotation, ivf = rotated_ivf(index)
+    dim = sample.shape[1]
+    kmeans = faiss.Clustering(dim, ivf.nlist, ivf.cp)
+    assign = faiss.IndexFlat(dim, ivf.metric_type)
     kmeans.train(sample, clustering_index if clustering_index is not None else assign)
-    centroids = faiss.vector_to_array(kmeans.centroids).reshape(ivf.nlist, -1)
-    assign.reset()
-    assign.add(centroids)
-    residuals = sample[:LLOYD_TRAIN_POINTS] - centroids[assign.assign(sample[:LLOYD_TRAIN_POINTS], 1).ravel()]
-    matrix = balanced_rotation(residuals, ivf.pq.M, rotation.d_out)
-    del residuals
-    faiss.copy_array_to_vector(matrix.ravel(), rotation.A)
-    rotation.is_trained = True
+    centroids = faiss.vector_to_array(kmeans.centroids).reshape(ivf.nlist, dim)
+    if isinstance(rotation, faiss.OPQMatrix):
+        assign.reset()
+        assign.add(centroids)
+        covariance = residual_covariance(sample[:LLOYD_TRAIN_POINTS], centroids, assign)
+        faiss.copy_array_to_vector(balanced_rotation(covariance, ivf.pq.M, rotation.d_out).ravel(), rotation.A)
+        rotation.is_trained = True
+    else:
+        rotation.train(sample[:1])  # a random rotation ignores the data
+    rotated = np.ascontiguousarray(rotation.apply(centroids), dtype=np.float32)
     ivf.quantizer.reset()
-    ivf.quantizer.add(np.ascontiguousarray(centroids @ matrix.T))
-    # The rotation and the lists are trained: only the PQ is left, which samples this many points
-    # anyway (faiss keeps max_points_per_centroid of each centroid's); fewer rows rotated and copied.
-    index.train(sample[: ivf.pq.cp.max_points_per_centroid * ivf.pq.ksub])
+    ivf.quantizer.add(rotated)
+    # The codes: on at most as many rows as faiss would sample for them (for PQ, 256 per centroid).
+    wanted = ivf.train_encoder_num_vectors()
+    rows = sample[: wanted if wanted > 0 else len(sample)]
+    residuals = np.empty((len(rows), ivf.d), dtype=np.float32)
+    lists = np.empty(len(rows), dtype=np.int64)
+    for start in range(0, len(rows), RESIDUAL_BATCH):
+        vectors = np.ascontiguousarray(rotation.apply(rows[start : start + RESIDUAL_BATCH]), dtype=np.float32)
+        lists[start : start + len(vectors)] = ivf.quantizer.assign(vectors, 1).ravel()
+        residuals[start : start + len(vectors)] = vectors - rotated[lists[start : start + len(vectors)]]
+    ivf.train_encoder(len(rows), faiss.swig_ptr(residuals), faiss.swig_ptr(lists))
+    ivf.is_trained = True
+    index.is_trained = True
+
+
+def residual_covariance(sample: np.ndarray, centroids: np.ndarray, assign: faiss.Index) -> np.ndarray:
+    """The covariance of the sample's residuals to their nearest centroids, a batch at a time."""
+    covariance = np.zeros((sample.shape[1],) * 2)
+    for start in range(0, len(sample), RESIDUAL_BATCH):
+        batch = sample[start : start + RESIDUAL_BATCH]
+        residuals = (batch - centroids[assign.assign(batch, 1).ravel()]).astype(np.float64)
+        covariance += residuals.T @ residuals
+    return covariance / max(len(sample), 1)
 
 
 def _pre_transform(index: faiss.Index, vectors: np.ndarray) -> np.ndarray:
@@ -120,11 +146,11 @@ def ready_to_add(index: faiss.Index) -> None:
 
 
 
-def balanced_rotation(residuals: np.ndarray, m: int, d_out: int) -> np.ndarray:
+def balanced_rotation(covariance: np.ndarray, m: int, d_out: int) -> np.ndarray:
     """The (d_out, d) rotation that gives each of a PQ's m sub-vectors an equal share of the variance.
 
     Parametric OPQ (Ge et al., "Optimized Product Quantization", 2013): project the residuals
-    on their principal axes (keeping the d_out of most variance) and deal the axes out to the m
+    (whose `covariance` is given) on their principal axes (keeping the d_out of most variance) and deal the axes out to the m
     sub-vectors so that the product of each sub-vector's variances is as even as can be: in
     rounds of m, the axis of most variance goes to the sub-vector whose product is smallest.
     For Gaussian data this is the rotation of least PQ distortion, found in one eigendecomposition
@@ -133,11 +159,7 @@ def balanced_rotation(residuals: np.ndarray, m: int, d_out: int) -> np.ndarray:
     dsub = d_out // m
     if dsub * m != d_out:
         raise ValueError(f"{d_out} dimensions do not split into {m} sub-vectors")
-    covariance = np.zeros((residuals.shape[1],) * 2)
-    for start in range(0, len(residuals), RESIDUAL_BATCH):
-        batch = residuals[start : start + RESIDUAL_BATCH].astype(np.float64)
-        covariance += batch.T @ batch
-    variances, axes = np.linalg.eigh(covariance / max(len(residuals), 1))
+    variances, axes = np.linalg.eigh(covariance)
     order = np.argsort(-variances)
     log_product = np.zeros(m)
     groups: list[list[int]] = [[] for _ in range(m)]
@@ -146,7 +168,7 @@ def balanced_rotation(residuals: np.ndarray, m: int, d_out: int) -> np.ndarray:
             groups[group].append(axis)
             log_product[group] += np.log(max(variances[axis], 1e-30))
     # Rows past the data's dimension (d_out > d pads with zero rows, as faiss's OPQ does) stay zero.
-    rotation = np.zeros((dsub * m, residuals.shape[1]), dtype=np.float32)
+    rotation = np.zeros((dsub * m, covariance.shape[0]), dtype=np.float32)
     for group, axes_of_group in enumerate(groups):
         for slot, axis in enumerate(axes_of_group):
             rotation[group * dsub + slot] = axes[:, axis]

@@ -49,7 +49,8 @@ def test_balanced_rotation_deals_the_principal_axes_out_evenly():
     spread = np.arange(1, 49) ** -1.0  # variance falling as 1/i, as in the benchmark's vectors
     axes = np.linalg.qr(rng.standard_normal((48, 48)))[0]
     residuals = (rng.standard_normal((20_000, 48)) * np.sqrt(spread)) @ axes.T
-    rotation = balanced_rotation(residuals.astype(np.float32), 8, 40)  # 8 sub-vectors of 5
+    covariance = residuals.T @ residuals / len(residuals)
+    rotation = balanced_rotation(covariance, 8, 40)  # 8 sub-vectors of 5
     assert rotation.shape == (40, 48)
     np.testing.assert_allclose(rotation @ rotation.T, np.eye(40), atol=1e-4)  # orthonormal rows
     variances = ((residuals @ rotation.T) ** 2).mean(axis=0)
@@ -62,7 +63,7 @@ def test_balanced_rotation_deals_the_principal_axes_out_evenly():
     assert products.max() - products.min() < np.log(3)
     np.testing.assert_array_equal(np.sort(variances.reshape(8, 5).max(axis=1)), np.sort(variances)[-8:])
     with pytest.raises(ValueError, match="do not split"):
-        balanced_rotation(residuals.astype(np.float32), 8, 42)
+        balanced_rotation(covariance, 8, 42)
 
 
 def test_opq_codes_beat_a_random_rotation_and_survive_a_round_trip():
