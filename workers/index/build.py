@@ -25,7 +25,7 @@ from loupe.workers.index.fill import ExactFill
 from loupe.workers.index.library import faiss
 from loupe.workers.index.tune import TUNING_QUERIES, tune_search
 
-ADD_ROWS = 16_384  # 48 MB of 768-dim vectors
+ADD_ROWS = 4096  # 12 MB of 768-dim vectors, which faiss holds rotated, as residuals and as codes while encoding
 VectorSource = Callable[[], Iterable[np.ndarray]] | Sequence[np.ndarray]
 
 
@@ -92,7 +92,6 @@ def build_index(
     with ExactFill(index, spill_dir) as fill:
         for batch in source():
             batch = as_vectors(batch, dim)
-            # A slice at a time: faiss holds the slice rotated, its residuals and its codes while adding.
             for start in range(0, len(batch), ADD_ROWS):
                 fill.add(batch[start : start + ADD_ROWS])
             if heap is not None:
@@ -160,7 +159,7 @@ def as_vectors(batch: Any, dim: int | None) -> np.ndarray:
     array = np.ascontiguousarray(batch, dtype=np.float32)
     if array.ndim != 2 or (dim is not None and array.shape[1] != dim):
         raise UserError(f"embedding batch of shape {array.shape} does not match dimension {dim}")
-    if not np.isfinite(array).all():
+    if not all(np.isfinite(array[start : start + ADD_ROWS]).all() for start in range(0, len(array), ADD_ROWS)):
         raise UserError("some embeddings are not finite (NaN or infinity)")
     return array
 
