@@ -1,10 +1,11 @@
 """Run by the peer's own Python, never imported by loupe: autofaiss builds its index for a memory budget, then it is measured.
 
 `python autofaiss_peer.py WORK BUDGET_BYTES` reads WORK/vectors/*.npy, WORK/queries.npy and
-WORK/truth.npy (written by loupe.jobs.bench.peer), and prints one JSON object: the index
-autofaiss chose, its build seconds and the build's peak resident memory, then, as loupe's
-index benchmark measures its own index, the index read back from its file in a fresh process:
-the memory reading it took, recall@10 and single-query latencies. Only the standard library,
+WORK/truth.npy (written by loupe.jobs.bench.peer), writes the index to WORK/peer-BUDGET_BYTES.index
+and prints one JSON object: the index autofaiss chose, its build seconds and the build's peak
+resident memory, then, as loupe's index benchmark measures its own index, the index read back
+from its file in a fresh process: the memory reading it took, recall@10 and single-query
+latencies. `... WORK BUDGET_BYTES --serve INDEX_PARAM` measures a kept index again. Only the standard library,
 numpy, faiss and autofaiss are imported: the peer's pins (faiss-cpu 1.8, numpy < 2) conflict
 with loupe's.
 """
@@ -42,8 +43,8 @@ def build(work: str, budget: int) -> dict:
     started = time.perf_counter()
     _, metrics = build_index(
         embeddings=os.path.join(work, "vectors"),
-        index_path=os.path.join(work, "peer.index"),
-        index_infos_path=os.path.join(work, "peer.json"),
+        index_path=_index_path(work, budget),
+        index_infos_path=os.path.join(work, f"peer-{budget}.json"),
         max_index_memory_usage=f"{budget}B",
         current_memory_available="16G",
         max_index_query_time_ms=10.0,  # autofaiss's default query time target
@@ -61,14 +62,18 @@ def build(work: str, budget: int) -> dict:
     }
 
 
-def serve(work: str, index_param: str | None, k: int = 10) -> dict:
+def _index_path(work: str, budget: int) -> str:
+    return os.path.join(work, f"peer-{budget}.index")
+
+
+def serve(work: str, budget: int, index_param: str | None, k: int = 10) -> dict:
     import faiss
     import numpy as np
 
     queries = np.load(os.path.join(work, "queries.npy"))
     truth = np.load(os.path.join(work, "truth.npy"))
     heap = _heap_bytes()
-    index = faiss.read_index(os.path.join(work, "peer.index"))
+    index = faiss.read_index(_index_path(work, budget))
     if index_param:
         faiss.ParameterSpace().set_index_parameters(index, index_param)
     heap = _heap_bytes() - heap
@@ -81,7 +86,7 @@ def serve(work: str, index_param: str | None, k: int = 10) -> dict:
         latencies.append((time.perf_counter() - started) * 1000)
     return {
         "bytes": heap,
-        "file_bytes": os.path.getsize(os.path.join(work, "peer.index")),
+        "file_bytes": os.path.getsize(_index_path(work, budget)),
         "recall_at_10": round(hits / (k * len(queries)), 4),
         "median_ms": round(float(np.median(latencies)), 3),
         "p99_ms": round(float(np.percentile(latencies, 99)), 3),
@@ -91,7 +96,7 @@ def serve(work: str, index_param: str | None, k: int = 10) -> dict:
 def main() -> None:
     work, budget = sys.argv[1], int(sys.argv[2])
     if len(sys.argv) > 3 and sys.argv[3] == "--serve":
-        print(json.dumps(serve(work, sys.argv[4] if len(sys.argv) > 4 else None)))
+        print(json.dumps(serve(work, budget, sys.argv[4] if len(sys.argv) > 4 else None)))
         return
     result = build(work, budget)
     # Read back by a fresh process, as loupe's index is: a built index holds spare list capacity.

@@ -115,6 +115,7 @@ def index(
     peer: Annotated[Optional[str], typer.Option(help="Also build this peer's index at every --budgets share: autofaiss.")] = None,
     budgets: Annotated[str, typer.Option(help="With --peer: the budgets, as shares of flat's bytes.")] = "1/16,1/8,1/4,1/2",
     workdir: Annotated[Optional[Path], typer.Option(help="With --peer: where the vectors, indexes and the peer's virtual environment go.")] = None,
+    remeasure: Annotated[bool, typer.Option(help="With --peer: build nothing; measure both systems' kept indexes in --workdir again.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """The index chosen for a share of flat's memory against exact flat search (or, with --peer, against the peer's index at each budget)."""
@@ -129,7 +130,9 @@ def index(
             shares = peers.parse_budgets(budgets)
             where = workdir or Path(tempfile.gettempdir()) / "loupe-bench-peer"
             python = peers.peer_python(where / f"venv-{peer}")
-            result = peers.compare(vectors, dim, budgets=shares, work=where, python=python, queries=queries, seed=seed)
+            result = peers.compare(
+                vectors, dim, budgets=shares, work=where, python=python, queries=queries, seed=seed, remeasure=remeasure
+            )
             typer.echo(json.dumps(result, indent=2) if as_json else peers.table(result))
             return
         from loupe.jobs.bench.index import run, table

@@ -35,6 +35,10 @@ def test_both_systems_at_every_budget_on_the_same_inputs(tmp_path):
         f"#!{sys.executable}\n"
         "import json, sys, glob, numpy as np\n"
         "script, work, budget = sys.argv[1:4]\n"
+        "if sys.argv[4:5] == ['--serve']:\n"
+        "    assert open(f'{work}/peer-{budget}.index').read() == 'kept' and sys.argv[5] == ''\n"
+        "    print(json.dumps({'bytes': 7, 'recall_at_10': 0.5, 'median_ms': 0.25, 'p99_ms': 0.75})); sys.exit()\n"
+        "open(f'{work}/peer-{budget}.index', 'w').write('kept')\n"
         "vectors = np.concatenate([np.load(p) for p in sorted(glob.glob(work + '/vectors/*.npy'))])\n"
         "truth, queries = np.load(work + '/truth.npy'), np.load(work + '/queries.npy')\n"
         "assert script.endswith('autofaiss_peer.py') and truth.shape == (len(queries), 10)\n"
@@ -68,6 +72,22 @@ def test_both_systems_at_every_budget_on_the_same_inputs(tmp_path):
     again = compare(12_000, 64, budgets=parse_budgets("1/4,1/2"), work=tmp_path / "work", python=broken, queries=50)
     assert [r for r in again["rows"] if r["system"] == "autofaiss"] == rows[::2]
     assert "2 autofaiss rows are from an earlier run" in " ".join(table(again).split())
+    # Measured again from the kept index files: the builds' own columns stay, the measured ones are new.
+    measured = compare(12_000, 64, budgets=parse_budgets("1/4,1/2"), work=tmp_path / "work", python=fake, queries=50, remeasure=True)
+    assert measured["remeasured"] and [(r["budget"], r["system"]) for r in measured["rows"]] == [
+        (r["budget"], r["system"]) for r in rows
+    ]
+    for before, after in zip(again["rows"], measured["rows"]):  # the latest builds' rows
+        assert after["index"] == before["index"] and after["build_seconds"] == before["build_seconds"]
+        assert after["peak_build_bytes"] == before["peak_build_bytes"]
+        if after["system"] == "autofaiss":
+            assert (after["recall_at_10"], after["median_ms"]) == (0.5, 0.25)
+        else:  # the same index read back and searched with the same parameters: the same hits
+            assert after["recall_at_10"] == before["recall_at_10"] and after["median_ms"] > 0
+    assert "measured again from the kept index files" in " ".join(table(measured).split())
+    (tmp_path / "work" / f"loupe-{12_000 * 64 * 4 // 2}.faiss").unlink()
+    with pytest.raises(UserError, match="no kept loupe index at 1/2 .*without --remeasure"):
+        compare(12_000, 64, budgets=parse_budgets("1/2"), work=tmp_path / "work", python=fake, queries=50, remeasure=True)
     with pytest.raises(RuntimeError, match="autofaiss failed.*not run"):
         compare(12_000, 64, budgets=parse_budgets("1/4"), work=tmp_path / "work", python=broken, queries=40)
     with pytest.raises(UserError, match="too small"):  # from the build's own process, in one line
