@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
@@ -35,6 +37,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     cls=PlainFlags,
 )
+
+
+@contextlib.contextmanager
+def _sole_writer(output: str, endpoint_url: str | None) -> Iterator[None]:
+    """OUTPUT has one writer at a time: a run (which writes its indexes under its own lease), or
+    a command that writes beside the catalog (index, match, dedup, moderation propagate)."""
+    from loupe.jobs.lease import Lease
+    from loupe.workers.storage import open_storage
+
+    with Lease.acquire(open_storage(output, endpoint_url), output):
+        yield
 
 
 def _default(name: str) -> str:
@@ -228,13 +241,9 @@ def index(
         from loupe.jobs.indexing import build_output_index  # without FAISS: one line
         from loupe.workers.index.choose import parse_size
 
-        from loupe.jobs.lease import Lease
-        from loupe.workers.storage import open_storage
-
         if not 0 < target_recall <= 1:
             raise UserError("invalid option 'target_recall': must be in (0, 1]")
-        # OUTPUT has one writer at a time: a run (which builds its indexes under its own lease) or this.
-        with Lease.acquire(open_storage(output, endpoint_url), output):
+        with _sole_writer(output, endpoint_url):
             record = build_output_index(
                 output, kind=kind, memory_budget=parse_size(memory_budget), target_recall=target_recall,
                 endpoint_url=endpoint_url,
@@ -301,7 +310,8 @@ def moderation_propagate(
     with one_line_errors():
         from loupe.jobs.dedup import propagate
 
-        inherited = propagate(output, endpoint_url)
+        with _sole_writer(output, endpoint_url):
+            inherited = propagate(output, endpoint_url)
     if as_json:
         typer.echo(json.dumps([asdict(item) for item in inherited], indent=2))
         return
@@ -343,7 +353,8 @@ def match(
     with one_line_errors():
         from loupe.jobs.match import match_catalog  # without FAISS: one line
 
-        summary = match_catalog(output, hash_list, max_distance, endpoint_url)
+        with _sole_writer(output, endpoint_url):
+            summary = match_catalog(output, hash_list, max_distance, endpoint_url)
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
         return
@@ -369,7 +380,8 @@ def dedup(
     with one_line_errors():
         from loupe.jobs.dedup import dedup as run_dedup  # without FAISS: one line
 
-        summary = run_dedup(output, pdq_distance, None if pdq_only else image_threshold, endpoint_url)
+        with _sole_writer(output, endpoint_url):
+            summary = run_dedup(output, pdq_distance, None if pdq_only else image_threshold, endpoint_url)
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
         return

@@ -83,7 +83,8 @@ def test_a_lease_within_its_expiry_is_not_taken_over(output):
     assert _record(storage, out).holder == "dead-holder"
 
 
-def test_loupe_index_is_refused_while_a_run_holds_the_output(output):
+@pytest.mark.parametrize("command", [["index"], ["match", "LIST"], ["dedup"], ["moderation", "propagate"]])
+def test_a_command_that_writes_under_output_is_refused_while_a_run_holds_it(output, command, tmp_path):
     from typer.testing import CliRunner
 
     from loupe.jobs.cli import app
@@ -91,7 +92,10 @@ def test_loupe_index_is_refused_while_a_run_holds_the_output(output):
     storage, out = output
     _stale(storage, out, age_s=5, expiry_s=60)  # a run on another host, renewed 5 s ago
     endpoint = ["--endpoint-url", storage.endpoint_url] if out.startswith("s3://") else []
-    result = CliRunner().invoke(app, ["index", out, *endpoint])
+    known = tmp_path / "known.csv"
+    known.write_text("f" * 64 + ",known\n")
+    args = [*command[:-1], out, str(known)] if command[-1] == "LIST" else [*command, out]
+    result = CliRunner().invoke(app, [*args, *endpoint])
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert "in use by another loupe run (gone-host pid 4242" in lines[0]
