@@ -244,10 +244,11 @@ def table(result: dict) -> str:
     head = f"{'budget':>7} {'system':<9} {'bytes':>6} {'recall':>6} {'med ms':>7} {'p99 ms':>7} {'build s':>8} {'peak':>9}"
     lines = [head, "-" * len(head)]
     for row in result["rows"]:
+        build, peak = row["build_seconds"], row["peak_build_bytes"]  # None: not recorded for a kept row
         lines.append(
             f"{row['budget']:>7} {row['system']:<9} {row['bytes'] / flat:>6.3f} {row['recall_at_10']:>6.3f} "
-            f"{row['median_ms']:>7.2f} {row['p99_ms']:>7.2f} {row['build_seconds']:>8.1f} "
-            f"{format_size(row['peak_build_bytes']):>9}"
+            f"{row['median_ms']:>7.2f} {row['p99_ms']:>7.2f} {'–' if build is None else f'{build:.1f}':>8} "
+            f"{'–' if peak is None else format_size(peak):>9}"
         )
         lines.append(f"{'':>7} {row['index']}")
     footer = (

@@ -115,3 +115,12 @@ def test_a_build_process_reports_its_own_peak_not_its_parents():
     child.start()
     own = child_result(child, results, 120)
     assert 0 < own < parent - 300 * 2**20, (own, parent)  # ru_maxrss would have carried the parent's over
+
+
+def test_a_kept_row_without_its_build_figures_shows_dashes():
+    row = {"budget": "1/4", "system": "autofaiss", "index": "OPQ256_1024,IVF16384_HNSW32,PQ256x8 nprobe=197",
+           "bytes": 340_000_000, "recall_at_10": 0.84, "median_ms": 7.5, "p99_ms": 12.0,
+           "build_seconds": None, "peak_build_bytes": None}  # fmt: skip
+    shown = table({"vectors": 10**6, "dim": 768, "queries": 1000, "k": 10, "flat_bytes": 3_072_000_000, "rows": [row]})
+    (line,) = [line for line in shown.splitlines() if "autofaiss" in line]
+    assert line.split()[-2:] == ["–", "–"] and "0.111" in line
