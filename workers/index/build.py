@@ -26,6 +26,7 @@ from loupe.workers.index.library import faiss
 from loupe.workers.index.tune import TUNING_QUERIES, tune_search
 
 ADD_ROWS = 4096  # 12 MB of 768-dim vectors, which faiss holds rotated, as residuals and as codes while encoding
+COPY_ROWS = 4096  # rows moved into the sample at a time: the first batches fill most of it
 VectorSource = Callable[[], Iterable[np.ndarray]] | Sequence[np.ndarray]
 
 
@@ -210,7 +211,8 @@ class Reservoir:
         slots = np.flatnonzero(~stays)[: len(incoming)]
         chosen = candidates[incoming]
         self.keys[slots] = keys[chosen]
-        self.vectors[slots] = batch[chosen]
+        for start in range(0, len(slots), COPY_ROWS):  # no copy of all the chosen rows at once
+            self.vectors[slots[start : start + COPY_ROWS]] = batch[chosen[start : start + COPY_ROWS]]
         self.rows[slots] = first_row + chosen
 
     @property
