@@ -20,7 +20,7 @@ from loupe.workers.index.choose import (
     choose_index,
     format_size,
 )
-from loupe.workers.index.codes import LLOYD_TRAIN_POINTS, lloyd_ivf, rotated_ivf, train_lloyd_max, train_rotated_ivf
+from loupe.workers.index.codes import LLOYD_TRAIN_POINTS, lloyd_ivf, train_ivf, train_lloyd_max, trainable_ivf
 from loupe.workers.index.fill import ExactFill
 from loupe.workers.index.library import faiss
 from loupe.workers.index.tune import TUNING_QUERIES, tune_search
@@ -257,17 +257,17 @@ def _train(index: faiss.Index, train: np.ndarray) -> None:
         # from random starts, settles far from the optimum; train_lloyd_max replaces its result.
         lloyd.pq.cp.niter = 0
         lloyd.pq.cp.min_points_per_centroid = 1  # nor warn about its sample size, unused
-    rotated = rotated_ivf(index) is not None
+    trainable = trainable_ivf(index) is not None
     clustering = None
     if ivf is not None and _gpu_count() > 0:
         # k-means is where the time goes; a GPU flat index does its assignments, while the
         # coarse quantizer (HNSW, which has no GPU version) receives the centroids afterwards.
         # `clustering` keeps the GPU index alive: the C++ field does not own it.
-        clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(train.shape[1] if rotated else ivf.d, ivf.metric_type))
+        clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(train.shape[1] if trainable else ivf.d, ivf.metric_type))
         ivf.clustering_index = clustering
     try:
-        if rotated:
-            train_rotated_ivf(index, train, clustering)  # no rotated copy of the sample
+        if trainable:
+            train_ivf(index, train, clustering)  # no copies of the sample, rotated or as residuals
         else:
             index.train(train)
     finally:

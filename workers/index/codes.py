@@ -64,30 +64,36 @@ def lloyd_max(values: np.ndarray, levels: int, iterations: int = LLOYD_ITERATION
     return points
 
 
-def rotated_ivf(index: faiss.Index) -> tuple[Any, Any] | None:
-    """(the rotation, the IVF behind it) when `index` is an IVF behind one OPQ or random rotation, else None."""
+def trainable_ivf(index: faiss.Index) -> tuple[Any, Any] | None:
+    """(the rotation or None, the IVF) when `index` is an IVF coding residuals with PQ or SQ, alone
+    or behind one OPQ or random rotation: what train_ivf trains. Else None (`index.train` does)."""
     index = faiss.downcast_index(index)
-    if not isinstance(index, faiss.IndexPreTransform) or index.chain.size() != 1:
+    rotation, ivf = None, index
+    if isinstance(index, faiss.IndexPreTransform):
+        if index.chain.size() != 1:
+            return None
+        rotation = faiss.downcast_VectorTransform(index.chain.at(0))
+        if not isinstance(rotation, (faiss.OPQMatrix, faiss.RandomRotationMatrix)):
+            return None
+        ivf = faiss.downcast_index(index.index)
+    if not isinstance(ivf, (faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer)) or not ivf.by_residual:
         return None
-    rotation = faiss.downcast_VectorTransform(index.chain.at(0))
-    ivf = faiss.try_extract_index_ivf(index)
-    if not isinstance(rotation, (faiss.OPQMatrix, faiss.RandomRotationMatrix)) or ivf is None:
-        return None
-    return rotation, faiss.downcast_index(ivf)
+    return rotation, ivf
 
 
-def train_rotated_ivf(index: faiss.Index, sample: np.ndarray, clustering_index: Any = None) -> None:
-    """Train an IVF behind a rotation without a rotated copy of the sample, which `index.train` makes.
+def train_ivf(index: faiss.Index, sample: np.ndarray, clustering_index: Any = None) -> None:
+    """Train an IVF (behind a rotation or not) holding the sample and little more, unlike `index.train`.
 
-    The lists come first, by k-means on the sample as IVF training runs it (on a flat index, or
-    `clustering_index`; a rotation changes no distance), and the coarse quantizer receives the
-    rotated centroids.
-    An OPQ rotation is then the parametric OPQ of the IVF residuals, which balances what the PQ
-    encodes, not the vectors, whose spread is mostly between lists; a random rotation is faiss's
-    own. The codes train last, on rotated residuals made a batch at a time: the build holds the
-    sample and one array of residuals no larger than the code's training set.
+    `index.train` copies the sample rotated, then copies it again (or the rows it samples) as
+    residuals. Here the lists come first, by k-means on the sample as IVF training runs it (on a
+    flat index, or `clustering_index`; a rotation changes no distance), and the coarse quantizer
+    receives the centroids, rotated. An OPQ rotation is then the parametric OPQ of the IVF
+    residuals, which balances what the PQ encodes, not the vectors, whose spread is mostly
+    between lists; a random rotation is faiss's own. The codes train last, on residuals made a
+    batch at a time from as many rows as faiss would sample for them: the build holds the sample
+    and one array of residuals no larger than the code's training set.
     """
-    rotation, ivf = rotated_ivf(index)
+    rotation, ivf = trainable_ivf(index)
     dim = sample.shape[1]
     kmeans = faiss.Clustering(dim, ivf.nlist, ivf.cp)
     assign = faiss.IndexFlat(dim, ivf.metric_type)
@@ -99,18 +105,22 @@ def train_rotated_ivf(index: faiss.Index, sample: np.ndarray, clustering_index: 
         covariance = residual_covariance(sample[:LLOYD_TRAIN_POINTS], centroids, assign)
         faiss.copy_array_to_vector(balanced_rotation(covariance, ivf.pq.M, rotation.d_out).ravel(), rotation.A)
         rotation.is_trained = True
-    else:
+    elif rotation is not None:
         rotation.train(sample[:1])  # a random rotation ignores the data
-    rotated = np.ascontiguousarray(rotation.apply(centroids), dtype=np.float32)
+
+    def rotate(vectors: np.ndarray) -> np.ndarray:
+        return vectors if rotation is None else np.ascontiguousarray(rotation.apply(vectors), dtype=np.float32)
+
+    rotated = rotate(centroids)
     ivf.quantizer.reset()
     ivf.quantizer.add(rotated)
-    # The codes: on at most as many rows as faiss would sample for them (for PQ, 256 per centroid).
+    # The codes: on at most as many rows as faiss would sample for them (PQ: 256 per centroid; SQ: 100,000).
     wanted = ivf.train_encoder_num_vectors()
     rows = sample[: wanted if wanted > 0 else len(sample)]
     residuals = np.empty((len(rows), ivf.d), dtype=np.float32)
     lists = np.empty(len(rows), dtype=np.int64)
     for start in range(0, len(rows), RESIDUAL_BATCH):
-        vectors = np.ascontiguousarray(rotation.apply(rows[start : start + RESIDUAL_BATCH]), dtype=np.float32)
+        vectors = rotate(rows[start : start + RESIDUAL_BATCH])
         lists[start : start + len(vectors)] = ivf.quantizer.assign(vectors, 1).ravel()
         residuals[start : start + len(vectors)] = vectors - rotated[lists[start : start + len(vectors)]]
     ivf.train_encoder(len(rows), faiss.swig_ptr(residuals), faiss.swig_ptr(lists))
