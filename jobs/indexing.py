@@ -29,7 +29,6 @@ from loupe.schemas.records import IndexRecord
 from loupe.schemas.rows import text_embedding_column
 from loupe.workers.index.build import as_vectors, build_index
 from loupe.workers.index.choose import choose_index
-from loupe.workers.index.codes import ready_to_add
 from loupe.workers.index.ids import IdMap, IdWriter
 from loupe.workers.index.library import faiss
 from loupe.workers.index.threads import use_cpu_share
@@ -254,7 +253,6 @@ def _extend(
         return None
     source = _PartVectors(storage, output, new_parts, column, first_part=len(record.parts))
     started = time.perf_counter()
-    ready_to_add(index)
     try:
         for batch in source():
             index.add(as_vectors(batch, record.dim))

@@ -1,4 +1,4 @@
-"""`loupe bench job|moderation|index|serve|pdq|incremental`: thin Typer commands over the benchmarks (`loupe bench` alone: job)."""
+"""`loupe bench job|moderation|index|serve|pdq|incremental|embed-texts`: thin Typer commands over the benchmarks (`loupe bench` alone: job)."""
 
 from __future__ import annotations
 
@@ -116,6 +116,7 @@ def index(
     budgets: Annotated[str, typer.Option(help="With --peer: the budgets, as shares of flat's bytes.")] = "1/16,1/8,1/4,1/2",
     workdir: Annotated[Optional[Path], typer.Option(help="With --peer: where the vectors, indexes and the peer's virtual environment go.")] = None,
     remeasure: Annotated[bool, typer.Option(help="With --peer: build nothing; measure both systems' kept indexes in --workdir again.")] = False,
+    embeddings: Annotated[Optional[Path], typer.Option(help="Your own vectors instead of synthetic ones: a .npy float matrix; --queries rows are held out as queries.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """The index chosen for a share of flat's memory against exact flat search (or, with --peer, against the peer's index at each budget)."""
@@ -131,13 +132,15 @@ def index(
             where = workdir or Path(tempfile.gettempdir()) / "loupe-bench-peer"
             python = peers.peer_python(where / f"venv-{peer}")
             result = peers.compare(
-                vectors, dim, budgets=shares, work=where, python=python, queries=queries, seed=seed, remeasure=remeasure
-            )
+                vectors, dim, budgets=shares, work=where, python=python, queries=queries, seed=seed,
+                remeasure=remeasure, embeddings=embeddings,
+            )  # fmt: skip
             typer.echo(json.dumps(result, indent=2) if as_json else peers.table(result))
             return
-        from loupe.jobs.bench.index import run, table
+        from loupe.jobs.bench.index import EmbeddingFile, run, table
 
-        result = run(vectors, dim, budget_fraction=budget_fraction, queries=queries, seed=seed)
+        data = None if embeddings is None else EmbeddingFile(embeddings, queries, seed)
+        result = run(vectors, dim, budget_fraction=budget_fraction, queries=queries, seed=seed, data=data)
     typer.echo(json.dumps(result, indent=2) if as_json else table(result))
 
 
@@ -253,3 +256,19 @@ def incremental(
             run = None if skip_run else run_incremental_bench(where, images=images, added=added, shard_size=shard_size, threads=threads)
     result = {"run": run, "catalog_scaling": scaled}
     typer.echo(json.dumps(result, indent=2) if as_json else format_report(run, scaled))
+
+
+@bench_app.command("embed-texts")
+def embed_texts(
+    texts: Annotated[list[Path], typer.Argument(help="Text files: every distinct non-empty line is one text.")],
+    out: Annotated[Path, typer.Option("--out", help="The .npy matrix to write, a unit vector a line.")],
+    model: Annotated[Optional[str], typer.Option(help="The text embedding model (hub id or local path); default: the captions' model.")] = None,
+) -> None:
+    """Real embeddings for `loupe bench index --embeddings`: lines of text embedded as captions are."""
+    _offline_transformers()
+    with one_line_errors():
+        from loupe.jobs.bench.texts import embed_lines
+        from loupe.schemas.config import DEFAULT_TEXT_EMBEDDING_MODEL
+
+        rows, dim = embed_lines(texts, out, model or DEFAULT_TEXT_EMBEDDING_MODEL)
+    typer.echo(f"{rows:,} texts embedded in {dim} dimensions: {out}")

@@ -14,10 +14,12 @@ import queue
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from loupe.schemas.errors import UserError
 from loupe.workers.index.build import build_index
 from loupe.workers.index.choose import choose_index, format_size
 from loupe.workers.index.library import faiss
@@ -62,6 +64,38 @@ class ClusteredVectors:
     def queries(self, count: int) -> np.ndarray:
         """Fresh vectors from the same distribution, not in the data."""
         return self._make(count, np.random.default_rng([self.seed, 2]))
+
+
+class EmbeddingFile:
+    """A user's own embeddings from a .npy matrix, unit-normalized as loupe indexes them: `queries`
+    rows, drawn at random (seeded), are held out as the queries and the rest are indexed."""
+
+    def __init__(self, path: Path, queries: int, seed: int = 0):
+        try:
+            self.matrix = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read --embeddings {path}: {exc}") from None
+        shape = self.matrix.shape
+        if len(shape) != 2 or not np.issubdtype(self.matrix.dtype, np.floating) or shape[1] < 1:
+            raise UserError(f"--embeddings {path} holds a {self.matrix.dtype} array of shape {shape}, not a matrix of floats")
+        if shape[0] <= queries:
+            raise UserError(f"--embeddings {path} has {shape[0]:,} rows: too few to hold out {queries:,} queries and index the rest")
+        held = np.zeros(shape[0], dtype=bool)
+        held[np.random.default_rng([seed, 3]).choice(shape[0], queries, replace=False)] = True
+        self.held, self.rows = np.flatnonzero(held), np.flatnonzero(~held)
+        self.n, self.dim, self.seed = len(self.rows), shape[1], seed
+
+    def _unit(self, rows: np.ndarray) -> np.ndarray:
+        x = np.asarray(self.matrix[rows], dtype=np.float32)
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        return x / np.where(norms > 0, norms, 1)
+
+    def __call__(self) -> Iterator[np.ndarray]:
+        for start in range(0, self.n, BATCH):
+            yield self._unit(self.rows[start : start + BATCH])
+
+    def queries(self, count: int) -> np.ndarray:
+        return self._unit(self.held[:count])
 
 
 def _latencies_ms(index: faiss.Index, queries: np.ndarray, k: int) -> np.ndarray:
@@ -189,9 +223,11 @@ def run(
     flat_latency_queries: int = 100,
     k: int = 10,
     seed: int = 0,
+    data: ClusteredVectors | EmbeddingFile | None = None,
 ) -> dict:
     use_cpu_share()
-    data = ClusteredVectors(n, dim, seed)
+    data = data or ClusteredVectors(n, dim, seed)
+    n, dim = data.n, data.dim
     flat_bytes = 4 * n * dim
     budget = int(flat_bytes * budget_fraction)
     choice = choose_index(n, dim, budget)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loupe.jobs.bench.index import ClusteredVectors, child_result, measure_file, peak_resident_bytes
+from loupe.jobs.bench.index import ClusteredVectors, EmbeddingFile, child_result, measure_file, peak_resident_bytes
 from loupe.schemas.errors import UserError
 from loupe.workers.index.build import build_index
 from loupe.workers.index.choose import format_size
@@ -72,6 +72,7 @@ def compare(
     k: int = 10,
     seed: int = 0,
     remeasure: bool = False,
+    embeddings: Path | None = None,
 ) -> dict:
     """Both systems at every budget: index, bytes, recall@10, median and p99 ms, build s and peak build memory.
 
@@ -79,14 +80,21 @@ def compare(
     again (on an idle machine, when the builds had to share one), their build rows kept.
     """
     use_cpu_share()
-    data = ClusteredVectors(n, dim, seed)
+    data = ClusteredVectors(n, dim, seed) if embeddings is None else EmbeddingFile(embeddings, queries, seed)
+    n, dim = data.n, data.dim
     xq = data.queries(queries)
     spec = {"vectors": n, "dim": dim, "seed": seed, "queries": queries, "k": k}
+    if embeddings is not None:  # another file, or the same one changed, is other inputs
+        stat = Path(embeddings).stat()
+        spec["embeddings"] = {"path": str(Path(embeddings).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     truth = _write_inputs(data, xq, k, work, spec)
     flat_bytes = 4 * n * dim
+    about = {"vectors": n, "dim": dim, "queries": queries, "k": k, "flat_bytes": flat_bytes}
+    if embeddings is not None:
+        about["embeddings"] = Path(embeddings).name
     if remeasure:
         rows = [row for share in budgets for row in _measure_again(python, work, share, int(flat_bytes * share), spec, xq, truth)]
-        return {"vectors": n, "dim": dim, "queries": queries, "k": k, "flat_bytes": flat_bytes, "rows": rows, "remeasured": True}
+        return {**about, "rows": rows, "remeasured": True}
     rows, reused = [], 0
     for share in budgets:
         budget = int(flat_bytes * share)
@@ -101,10 +109,10 @@ def compare(
         ours = _loupe(data, budget, xq, truth, k, seed, work)
         (work / f"loupe-{budget}.json").write_text(json.dumps({"inputs": spec, "row": ours}))
         rows.append({"budget": str(share), "system": "loupe", **ours})
-    return {"vectors": n, "dim": dim, "queries": queries, "k": k, "flat_bytes": flat_bytes, "rows": rows, "peer_rows_reused": reused}
+    return {**about, "rows": rows, "peer_rows_reused": reused}
 
 
-def _write_inputs(data: ClusteredVectors, xq: np.ndarray, k: int, work: Path, spec: dict) -> np.ndarray:
+def _write_inputs(data: ClusteredVectors | EmbeddingFile, xq: np.ndarray, k: int, work: Path, spec: dict) -> np.ndarray:
     """The vectors as .npy files (autofaiss's input), the queries and their exact neighbours: written
     once for the same inputs (`spec`), which inputs.json records last."""
     stamp = work / "inputs.json"
@@ -193,7 +201,7 @@ def _peer(python: Path, work: Path, budget: int) -> dict:
     }
 
 
-def _loupe(data: ClusteredVectors, budget: int, xq: np.ndarray, truth: np.ndarray, k: int, seed: int, work: Path) -> dict:
+def _loupe(data: ClusteredVectors | EmbeddingFile, budget: int, xq: np.ndarray, truth: np.ndarray, k: int, seed: int, work: Path) -> dict:
     path = str(work / f"loupe-{budget}.faiss")  # one file a budget, left for a second look
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
@@ -252,7 +260,9 @@ def table(result: dict) -> str:
         )
         lines.append(f"{'':>7} {row['index']}")
     footer = (
-        f"{result['vectors']:,} vectors of dimension {result['dim']}, {result['queries']} queries, k = {result['k']}, "
+        f"{result['vectors']:,} vectors of dimension {result['dim']}"
+        + (f" from {result['embeddings']}" if result.get("embeddings") else "")
+        + f", {result['queries']} queries, k = {result['k']}, "
         f"{os.cpu_count()} cores; bytes as a share of flat's {format_size(flat)}; peak: the build's resident memory."
     )
     if result.get("peer_rows_reused"):

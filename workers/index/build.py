@@ -20,7 +20,7 @@ from loupe.workers.index.choose import (
     choose_index,
     format_size,
 )
-from loupe.workers.index.codes import LLOYD_TRAIN_POINTS, lloyd_ivf, train_ivf, train_lloyd_max, trainable_ivf
+from loupe.workers.index.codes import train_ivf, trainable_ivf
 from loupe.workers.index.fill import ExactFill
 from loupe.workers.index.library import faiss
 from loupe.workers.index.tune import TUNING_QUERIES, tune_search
@@ -251,12 +251,6 @@ def _gpu_count() -> int:
 
 def _train(index: faiss.Index, train: np.ndarray) -> None:
     ivf = faiss.try_extract_index_ivf(index)
-    lloyd = lloyd_ivf(index)
-    if lloyd is not None:
-        # faiss's k-means is slow on one-dimensional sub-vectors (minutes for 768 of them) and,
-        # from random starts, settles far from the optimum; train_lloyd_max replaces its result.
-        lloyd.pq.cp.niter = 0
-        lloyd.pq.cp.min_points_per_centroid = 1  # nor warn about its sample size, unused
     trainable = trainable_ivf(index) is not None
     clustering = None
     if ivf is not None and _gpu_count() > 0:
@@ -267,14 +261,13 @@ def _train(index: faiss.Index, train: np.ndarray) -> None:
         ivf.clustering_index = clustering
     try:
         if trainable:
-            train_ivf(index, train, clustering)  # no copies of the sample, rotated or as residuals
+            # No copies of the sample, rotated or as residuals: it is scratch here, deleted after training.
+            train_ivf(index, train, clustering, overwrite=True)
         else:
             index.train(train)
     finally:
         if clustering is not None:
             ivf.clustering_index = None  # GPU resources must not outlive training or reach the file
             del clustering
-    if lloyd is not None:
-        train_lloyd_max(index, lloyd, train[:LLOYD_TRAIN_POINTS])
 
 

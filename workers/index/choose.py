@@ -27,7 +27,6 @@ HEAP_SLACK = 100  # 1/100 of the budget
 PQ_MIN_BYTES = 8  # below 8 bytes a vector no code tells neighbours apart
 PQ_STEPS = sorted({int(2 ** (i / 16)) for i in range(48, 209)})  # 8 ... 8192 bytes, ~4.4% apart
 PQ_TRAIN_POINTS = 256 * MIN_POINTS_PER_CENTROID
-LLOYD_BITS = (7, 6, 5)  # per dimension, between SQ8 and PQ
 ID_BYTES = 8  # faiss stores an int64 id beside every code in an inverted list
 # Of the memory budget, for the training sample: the index is still empty while it trains, and
 # every list needs 39 points. More lists mean shorter lists to scan (1M x 768 with SQ6: 3.5 ms a
@@ -40,7 +39,7 @@ TRAIN_SHARE = 0.75
 class IndexChoice:
     """An index type and its shape: what choose_index decided and why it fits the budget."""
 
-    kind: str  # "flat" | "hnsw" | "ivf_flat" | "ivf_sq" | "ivf_lloyd" | "ivf_pq"
+    kind: str  # "flat" | "hnsw" | "ivf_flat" | "ivf_sq" | "ivf_pq"
     factory: str  # faiss.index_factory string
     nlist: int | None = None  # IVF lists
     m: int | None = None  # code bytes per vector (SQ or PQ)
@@ -55,9 +54,9 @@ def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int) -> IndexCho
 
     Flat below FLAT_MAX_VECTORS; else HNSW with the densest graph (8..32) that fits; else, below
     1M vectors, IVF with flat lists if they fit; else IVF (with an HNSW coarse quantizer when
-    the lists are many) with the most precise codes that fit: 8 bits a dimension (SQ8), then
-    7, 6 or 5 (a Lloyd-Max codebook per dimension behind a random rotation), then PQ with 8-bit
-    codes over two dimensions or more behind parametric OPQ, as many bytes as fit. nlist is the
+    the lists are many) with the most precise codes that fit and scan fast: 8 bits a dimension
+    (SQ8), then 6 (SQ6), then PQ with 8-bit codes over two dimensions or more behind parametric
+    OPQ, as many bytes as fit. nlist is the
     power of two nearest 4·sqrt(n), lowered until the training sample (at most TRAIN_SHARE of
     the budget) holds MIN_POINTS_PER_CENTROID points per list. A pure function of its arguments.
     """
@@ -104,40 +103,24 @@ def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int) -> IndexCho
                 estimated_bytes=size,
             )
     # Then one code per dimension, the finest that fits. Recall at this size is limited by the
-    # codes' precision, not by how many lists are probed (200k x 768 clustered vectors, 2048
-    # lists: flat lists reach recall@10 0.999 at nprobe 4, where SQ8 stops at 0.992, SQ6 at 0.971
-    # and SQ4 at 0.898 however many lists are probed), so every bit counts.
+    # codes' precision, not by how many lists are probed (1M of the benchmark's vectors, 4096
+    # lists: SQ8 0.968 at nprobe 16, SQ6 0.927 at 16 and 0.935 at 32), so every bit counts...
     #
-    # 8 bits: faiss's uniform SQ8, scanned fastest.
-    size = n * (dim + ID_BYTES) + quantizer_bytes(dim) + 8 * dim
-    if size <= budget:
-        return IndexChoice(
-            "ivf_sq", f"{coarse},SQ8", nlist=nlist, m=dim, hnsw_m=coarse_m, train_vectors=train, estimated_bytes=size
-        )
-    # 7 to 5 bits: a Lloyd-Max codebook per dimension (a PQ with one-dimensional sub-vectors,
-    # trained by codes.train_lloyd_max): at equal bits the scalar code of least squared error, half
-    # or less that of a uniform SQ over the sample's range (and faiss has no 5- or 7-bit SQ).
-    # Behind a random rotation, as in EDEN or RaBitQ: the error of a per-dimension code grows
-    # with each dimension's spread, and a query weighs most the dimensions where the data spreads
-    # most (embedding models, CLIP among them, have a few dimensions of outsized variance), so
-    # the rotation spreads the data, and with it the error, evenly over all dimensions: never
-    # worse, often better. Same data as above: 7 bits 0.985 (even with faiss's own k-means
-    # codebooks) where SQ6 stops at 0.971. (Cutting dimensions with PCA to fit SQ8 instead
-    # loses more: SQ8 on 736 of the 768 dims, 0.960.)
-    for bits in LLOYD_BITS:
-        code = -(-dim * bits // 8)  # b-bit codes packed end to end
-        size = (
-            n * (code + ID_BYTES)
-            + quantizer_bytes(dim)
-            + 4 * dim * dim  # the rotation
-            + 4 * dim * (1 << bits)  # the codebooks
-        )
+    # ...but so does the scan. Only faiss's uniform SQ8 and SQ6 are decoded with SIMD: ~1 ms a
+    # query at 1M x 768 (SQ8 0.86, SQ6 0.99). Codes between them were measured and left out:
+    # 7-bit Lloyd-Max codebooks (a PQ of one-dimensional sub-vectors) reach 0.964, nearly SQ8,
+    # but faiss scans codes that are not whole bytes one sub-code at a time, 13 ms a query, past
+    # what a search server can answer (autofaiss's own limit is 10 ms); SQ8 on the 736 principal
+    # axes that fit reaches 0.918, less than SQ6 on all 768; a random rotation before SQ6 changes
+    # nothing here (0.927) and costs a matrix-vector product a query.
+    for bits in (8, 6):
+        size = sq_bytes(n, dim, bits, nlist, coarse_m)
         if size <= budget:
             return IndexChoice(
-                "ivf_lloyd",
-                f"RR{dim},{coarse},PQ{dim}x{bits}np",
+                "ivf_sq",
+                f"{coarse},SQ{bits}",
                 nlist=nlist,
-                m=code,
+                m=-(-dim * bits // 8),
                 hnsw_m=coarse_m,
                 train_vectors=train,
                 estimated_bytes=size,
@@ -145,7 +128,7 @@ def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int) -> IndexCho
     # 4 bits a dimension and fewer: PQ with 8-bit codes over sub-vectors of two dimensions or more,
     # behind parametric OPQ (codes.balanced_rotation: the residuals' principal axes dealt out
     # so that every sub-vector holds an even share of their spread). At equal bytes it beats
-    # a per-dimension code (SQ4, 4-bit Lloyd-Max) because a 256-word codebook over two dimensions
+    # a per-dimension code (SQ4) because a 256-word codebook over two dimensions
     # can follow the axes' unequal spread, and it beats a random rotation, which makes them equal:
     # on 200k of the benchmark's vectors, PQ192x8 behind it reaches recall@10 0.858, behind a
     # random rotation 0.794. As many bytes as fit, up to one a dimension pair: m bytes take
@@ -176,6 +159,12 @@ def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int) -> IndexCho
         train_vectors=train,
         estimated_bytes=size,
     )
+
+
+def sq_bytes(n: int, dim: int, bits: int, nlist: int, coarse_m: int | None) -> int:
+    """An IVF-SQ index of `bits` a dimension in memory: codes, ids, centroids (and their graph), the SQ's ranges."""
+    code = -(-dim * bits // 8)
+    return n * (code + ID_BYTES) + nlist * (4 * dim + 8 * (coarse_m or 0)) + 8 * dim
 
 
 def _nlist(n: int, max_train: int) -> int | None:
@@ -213,11 +202,10 @@ def format_size(size: int) -> str:
 
 # The recall@10 each code reached on the index benchmark's vectors (1M x 768, recall against
 # exact search, the search width tuned to its plateau), by the code's bits a dimension: what the
-# chooser expects of an index before it is built. PQ173 behind OPQ 0.758 and PQ360 0.892
-# (docs/benchmarks.md, issue 17), 7-bit Lloyd-Max 0.964 (issue 4); SQ8 was measured at 200k
-# only (0.992), less the 0.021 that 7-bit codes lost from 200k to 1M. Indexes that keep whole
-# vectors (flat, HNSW, IVF-Flat) reach any target with a wide enough search.
-EXPECTED_RECALL = ((1.80, 0.758), (3.75, 0.892), (7.0, 0.964), (8.0, 0.971))
+# chooser expects of an index before it is built. PQ173 behind OPQ 0.758, PQ362 0.890, SQ6 0.927
+# and SQ8 0.968 (docs/benchmarks.md, issue 17). Indexes that keep whole vectors (flat, HNSW,
+# IVF-Flat) reach any target with a wide enough search.
+EXPECTED_RECALL = ((1.80, 0.758), (3.77, 0.890), (6.0, 0.927), (8.0, 0.968))
 EXACT_KINDS = ("flat", "hnsw", "ivf_flat")
 BUDGET_STEP = 1.05  # the smallest budget that reaches a target, to within 5%
 
@@ -262,4 +250,10 @@ def budget_note(choice: IndexChoice, n: int, dim: int, budget: int) -> str:
         return (
             f"{used}: SQ8 is the finest code, and an index of whole vectors (HNSW) needs {format_size(whole)}"
         )
+    if choice.kind == "ivf_sq":  # SQ6: SQ8 does not fit
+        sq8 = sq_bytes(n, dim, 8, choice.nlist or 0, choice.hnsw_m)
+        return f"{used}: SQ8 needs {format_size(sq8)}, and the codes between SQ6 and SQ8 scan ten times slower"
+    if choice.kind == "ivf_pq" and choice.m == dim // 2:
+        sq6 = sq_bytes(n, dim, 6, choice.nlist or 0, choice.hnsw_m)
+        return f"{used}: PQ takes at most a byte for each pair of dimensions, and SQ6 needs {format_size(sq6)}"
     return used

@@ -1,67 +1,15 @@
-"""Lloyd-Max codes: per-dimension codebooks of least squared error for IVF residuals behind a random rotation."""
+"""Training an IVF's lists, rotation and codes from one sample: parametric OPQ, residuals a batch at a time."""
 
 from __future__ import annotations
 
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
 from loupe.workers.index.library import faiss
 
-LLOYD_TRAIN_POINTS = 65_536  # residuals the per-dimension codebooks train on: 512 per level at 7 bits
-LLOYD_ITERATIONS = 40
+OPQ_TRAIN_POINTS = 65_536  # residuals whose covariance the OPQ rotation is computed from
 RESIDUAL_BATCH = 16_384  # residuals computed a batch at a time: one copy of the sample, not two
-
-
-def lloyd_ivf(index: faiss.Index) -> Any:
-    """The IVF-PQ inside `index` when its PQ has one-dimensional sub-vectors, else None."""
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None:
-        return None
-    ivf = faiss.downcast_index(ivf)
-    return ivf if isinstance(ivf, faiss.IndexIVFPQ) and ivf.pq.dsub == 1 else None
-
-
-def train_lloyd_max(index: faiss.Index, ivf: Any, sample: np.ndarray) -> None:
-    """Set each dimension's codebook to the Lloyd-Max quantizer of the sample's IVF residuals."""
-    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
-    residuals = np.empty((len(sample), ivf.d), dtype=np.float32)
-    for start in range(0, len(sample), RESIDUAL_BATCH):
-        vectors = _pre_transform(index, sample[start : start + RESIDUAL_BATCH])
-        assigned = ivf.quantizer.assign(vectors, 1).ravel()
-        residuals[start : start + len(vectors)] = vectors - centroids[assigned]
-    levels = ivf.pq.ksub
-    codebooks = np.stack([lloyd_max(residuals[:, j], levels) for j in range(residuals.shape[1])])
-    faiss.copy_array_to_vector(codebooks.astype(np.float32).ravel(), ivf.pq.centroids)
-    ready_to_add(index)
-
-
-def lloyd_max(values: np.ndarray, levels: int, iterations: int = LLOYD_ITERATIONS) -> np.ndarray:
-    """The `levels` reconstruction points of least squared error for `values` (1-d k-means).
-
-    Starts from the points that are optimal at high rate for a Gaussian of the sample's mean and
-    spread (their density follows p^(1/3): quantiles of a Gaussian three times as wide), which
-    rotated residuals nearly are, then runs Lloyd's iterations on the sorted sample.
-    """
-    data = np.sort(np.asarray(values, dtype=np.float64))
-    if len(data) == 0:
-        return np.zeros(levels)
-    sums = np.concatenate([[0.0], np.cumsum(data)])
-    spread = data.std() or 1.0
-    quantiles = [NormalDist().inv_cdf((i + 0.5) / levels) for i in range(levels)]
-    points = data.mean() + np.sqrt(3) * spread * np.array(quantiles)
-    points = np.clip(points, data[0], data[-1])
-    for _ in range(iterations):
-        edges = np.concatenate([[0], np.searchsorted(data, (points[1:] + points[:-1]) / 2), [len(data)]])
-        counts = np.diff(edges)
-        means = (sums[edges[1:]] - sums[edges[:-1]]) / np.maximum(counts, 1)
-        moved = np.sort(np.where(counts > 0, means, points))  # an empty cell keeps its point
-        if np.allclose(moved, points, rtol=0, atol=1e-7 * spread):
-            points = moved
-            break
-        points = moved
-    return points
 
 
 def trainable_ivf(index: faiss.Index) -> tuple[Any, Any] | None:
@@ -81,7 +29,7 @@ def trainable_ivf(index: faiss.Index) -> tuple[Any, Any] | None:
     return rotation, ivf
 
 
-def train_ivf(index: faiss.Index, sample: np.ndarray, clustering_index: Any = None) -> None:
+def train_ivf(index: faiss.Index, sample: np.ndarray, clustering_index: Any = None, *, overwrite: bool = False) -> None:
     """Train an IVF (behind a rotation or not) holding the sample and little more, unlike `index.train`.
 
     `index.train` copies the sample rotated, then copies it again (or the rows it samples) as
@@ -91,7 +39,8 @@ def train_ivf(index: faiss.Index, sample: np.ndarray, clustering_index: Any = No
     residuals, which balances what the PQ encodes, not the vectors, whose spread is mostly
     between lists; a random rotation is faiss's own. The codes train last, on residuals made a
     batch at a time from as many rows as faiss would sample for them: the build holds the sample
-    and one array of residuals no larger than the code's training set.
+    and one array of residuals no larger than the code's training set. With `overwrite` (a
+    sample that is scratch to the caller) the residuals take the sample's own memory instead.
     """
     rotation, ivf = trainable_ivf(index)
     dim = sample.shape[1]
@@ -102,7 +51,7 @@ def train_ivf(index: faiss.Index, sample: np.ndarray, clustering_index: Any = No
     if isinstance(rotation, faiss.OPQMatrix):
         assign.reset()
         assign.add(centroids)
-        covariance = residual_covariance(sample[:LLOYD_TRAIN_POINTS], centroids, assign)
+        covariance = residual_covariance(sample[:OPQ_TRAIN_POINTS], centroids, assign)
         faiss.copy_array_to_vector(balanced_rotation(covariance, ivf.pq.M, rotation.d_out).ravel(), rotation.A)
         rotation.is_trained = True
     elif rotation is not None:
@@ -117,12 +66,18 @@ def train_ivf(index: faiss.Index, sample: np.ndarray, clustering_index: Any = No
     # The codes: on at most as many rows as faiss would sample for them (PQ: 256 per centroid; SQ: 100,000).
     wanted = ivf.train_encoder_num_vectors()
     rows = sample[: wanted if wanted > 0 else len(sample)]
-    residuals = np.empty((len(rows), ivf.d), dtype=np.float32)
+    if overwrite and sample.flags.c_contiguous and ivf.d <= dim:
+        # Residual i (ivf.d <= dim floats) lands at or before sample row i, so a batch only
+        # overwrites rows already read: the sample's memory holds the residuals, packed.
+        residuals = sample.reshape(-1)[: len(rows) * ivf.d].reshape(len(rows), ivf.d)
+    else:
+        residuals = np.empty((len(rows), ivf.d), dtype=np.float32)
     lists = np.empty(len(rows), dtype=np.int64)
     for start in range(0, len(rows), RESIDUAL_BATCH):
         vectors = rotate(rows[start : start + RESIDUAL_BATCH])
         lists[start : start + len(vectors)] = ivf.quantizer.assign(vectors, 1).ravel()
-        residuals[start : start + len(vectors)] = vectors - rotated[lists[start : start + len(vectors)]]
+        made = vectors - rotated[lists[start : start + len(vectors)]]
+        residuals[start : start + len(vectors)] = made
     ivf.train_encoder(len(rows), faiss.swig_ptr(residuals), faiss.swig_ptr(lists))
     ivf.is_trained = True
     index.is_trained = True
@@ -145,15 +100,6 @@ def _pre_transform(index: faiss.Index, vectors: np.ndarray) -> np.ndarray:
         for i in range(index.chain.size()):
             vectors = faiss.downcast_VectorTransform(index.chain.at(i)).apply(vectors)
     return np.ascontiguousarray(vectors, dtype=np.float32)
-
-
-def ready_to_add(index: faiss.Index) -> None:
-    """Build the in-memory helpers that encoding needs for speed (not saved with the index)."""
-    lloyd = lloyd_ivf(index)
-    if lloyd is not None:
-        # Encodes one-dimensional sub-vectors ~10x faster; the codes are the same.
-        lloyd.pq.sync_transposed_centroids()
-
 
 
 def balanced_rotation(covariance: np.ndarray, m: int, d_out: int) -> np.ndarray:

@@ -124,3 +124,66 @@ def test_a_kept_row_without_its_build_figures_shows_dashes():
     shown = table({"vectors": 10**6, "dim": 768, "queries": 1000, "k": 10, "flat_bytes": 3_072_000_000, "rows": [row]})
     (line,) = [line for line in shown.splitlines() if "autofaiss" in line]
     assert line.split()[-2:] == ["–", "–"] and "0.111" in line
+
+
+def _fake_peer(path):
+    """A stand-in for the peer's interpreter that answers from the vectors it is handed."""
+    path.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys, glob, numpy as np\n"
+        "script, work, budget = sys.argv[1:4]\n"
+        "open(f'{work}/peer-{budget}.index', 'w').write('kept')\n"
+        "vectors = np.concatenate([np.load(p) for p in sorted(glob.glob(work + '/vectors/*.npy'))])\n"
+        "print(json.dumps({'index_key': 'Flat', 'index_param': '', 'bytes': vectors.nbytes, 'recall_at_10': 1.0,\n"
+        "  'median_ms': 0.5, 'p99_ms': 1.0, 'build_seconds': 0.1, 'peak_build_bytes': len(vectors)}))\n"
+    )
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+def test_both_systems_on_a_file_of_real_embeddings(tmp_path):
+    rng = np.random.default_rng(0)
+    # Unnormalized rows of unequal spread, as a model's raw outputs may be.
+    matrix = (rng.standard_normal((12_000, 48)) * np.linspace(3, 0.1, 48)).astype(np.float32)
+    np.save(tmp_path / "mine.npy", matrix)
+    fake = _fake_peer(tmp_path / "peer-python")
+    result = compare(1, 1, budgets=parse_budgets("1/4"), work=tmp_path / "work", python=fake, queries=60,
+                     embeddings=tmp_path / "mine.npy")  # fmt: skip
+    assert (result["vectors"], result["dim"], result["embeddings"]) == (12_000 - 60, 48, "mine.npy")
+    peer, ours = result["rows"]
+    assert peer["peak_build_bytes"] == 12_000 - 60  # the peer read every row but the held-out queries
+    queries, truth = np.load(tmp_path / "work" / "queries.npy"), np.load(tmp_path / "work" / "truth.npy")
+    np.testing.assert_allclose(np.linalg.norm(queries, axis=1), 1, rtol=1e-5)  # unit rows, as loupe indexes them
+    unit = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+    held = [int(np.argmax(unit @ q)) for q in queries[:5]]
+    np.testing.assert_allclose(unit[held], queries[:5], atol=1e-6)  # the queries are rows of the file...
+    indexed = np.concatenate([np.load(p) for p in sorted((tmp_path / "work" / "vectors").glob("*.npy"))])
+    assert not (np.abs(indexed @ queries[:5].T - 1) < 1e-6).any()  # ...that are not indexed
+    assert 0.5 < ours["recall_at_10"] <= 1 and truth.shape == (60, 10)
+    assert "from mine.npy" in " ".join(table(result).split())
+    # Another file is other inputs: nothing kept is reused.
+    np.save(tmp_path / "other.npy", matrix[:, :32])
+    other = compare(1, 1, budgets=parse_budgets("1/4"), work=tmp_path / "work", python=fake, queries=60,
+                    embeddings=tmp_path / "other.npy")  # fmt: skip
+    assert other["dim"] == 32 and not other["peer_rows_reused"]
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (np.zeros(100, dtype=np.float32), "not a matrix of floats"),
+        (np.zeros((100, 8), dtype=np.int64), "not a matrix of floats"),
+        (np.zeros((40, 8), dtype=np.float32), "too few to hold out 50"),
+        (b"not numpy", "cannot read --embeddings"),
+    ],
+)
+def test_a_bad_embeddings_file_is_one_line(tmp_path, content, said):
+    path = tmp_path / "bad.npy"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        np.save(path, content)
+    for args in ([], ["--peer", "autofaiss", "--workdir", str(tmp_path / "work")]):
+        result = CliRunner().invoke(app, ["bench", "index", "--embeddings", str(path), "--queries", "50", *args])
+        assert result.exit_code == 2 and said in result.output, result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

@@ -16,6 +16,7 @@ from loupe.workers.index.choose import (
     choose_index,
     expected_recall,
     parse_size,
+    sq_bytes,
 )
 
 GB = 10**9
@@ -46,23 +47,23 @@ def test_ivf_flat_below_a_million_when_hnsw_does_not_fit():
 
 def test_large_sets_get_compressed_codes_within_the_budget():
     # The benchmark's case: a quarter of flat's memory for 1M x 768 is 768 bytes a vector, too
-    # little for SQ8's 768 bytes of code plus 8 of id: 7-bit Lloyd-Max codes behind a rotation.
+    # little for SQ8's 768 bytes of code plus 8 of id: SQ6, 576 bytes.
     choice = choose_index(1_000_000, 768, 768_000_000)
-    assert choice.kind == "ivf_lloyd" and choice.factory == "RR768,IVF4096_HNSW32,PQ768x7np"  # 4·sqrt(1M) = 4000
-    assert choice.m == 768 * 7 // 8
-    assert choice.estimated_bytes == (
-        1_000_000 * (672 + 8) + 4096 * (4 * 768 + 8 * 32) + 4 * 768 * 768 + 4 * 768 * 128
-    )
+    assert choice.kind == "ivf_sq" and choice.factory == "IVF4096_HNSW32,SQ6"  # 4·sqrt(1M) = 4000
+    assert choice.m == 768 * 6 // 8
+    assert choice.estimated_bytes == 1_000_000 * (576 + 8) + 4096 * (4 * 768 + 8 * 32) + 8 * 768
     assert choice.train_vectors == int(0.75 * 768_000_000) // (4 * 768)  # 46 points a list
-    # Room for a byte a dimension and the rest: SQ8, scanned fastest.
+    # Room for a byte a dimension and the rest: SQ8.
     roomy = choose_index(1_000_000, 768, 800_000_000)
-    assert (roomy.kind, roomy.factory) == ("ivf_sq", "IVF4096_HNSW32,SQ8")
-    # Less room, fewer bits: 6, then 5 bits a dimension.
-    assert choose_index(1_000_000, 768, 600_000_000).factory.endswith(",PQ768x6np")
-    assert choose_index(1_000_000, 768, 500_000_000).factory.endswith(",PQ768x5np")
+    assert (roomy.kind, roomy.factory, roomy.m) == ("ivf_sq", "IVF4096_HNSW32,SQ8", 768)
+    # No code between SQ6 and SQ8 (faiss scans those ten times slower), nor between PQ's byte a
+    # pair of dimensions and SQ6: the finest that fits.
+    assert choose_index(1_000_000, 768, 789_000_000).factory == "IVF4096_HNSW32,SQ6"
+    assert choose_index(1_000_000, 768, 600_000_000).factory == "IVF2048_HNSW32,SQ6"
+    assert choose_index(1_000_000, 768, 580_000_000).factory == "OPQ384_768,IVF2048_HNSW32,PQ384x8np"
 
 
-def test_below_five_bits_a_dimension_pq_behind_opq_takes_every_byte_that_fits():
+def test_below_six_bits_a_dimension_pq_behind_opq_takes_every_byte_that_fits():
     # 1/8 of flat's bytes: 384 a vector, less 8 of id and 1% of slack for the allocator, less
     # the centroids (2048 lists: 39 training points each is all the budget's sample holds), the
     # rotation and the codebooks leave 366 bytes; the ladder's step below is 362: two dimensions
@@ -78,7 +79,7 @@ def test_below_five_bits_a_dimension_pq_behind_opq_takes_every_byte_that_fits():
     grown = choose_index(1_000_000, 768, 395_000_000).factory
     assert choose_index(1_020_000, 768, 395_000_000).factory == grown == choice.factory
     assert choose_index(1_100_000, 768, 384_000_000).factory == "OPQ317_634,IVF2048_HNSW32,PQ317x8np"
-    # Up to a byte a pair of dimensions, however large the budget below 5-bit Lloyd-Max codes'.
+    # Up to a byte a pair of dimensions, however large the budget below SQ6's.
     assert choose_index(1_000_000, 768, 470_000_000).factory == "OPQ384_768,IVF2048_HNSW32,PQ384x8np"
     # 1/16: 173 bytes, four dimensions each.
     assert choose_index(1_000_000, 768, 192_000_000).factory == "OPQ173_692,IVF1024_HNSW32,PQ173x8np"
@@ -96,16 +97,31 @@ def test_pq_refuses_budgets_below_eight_bytes_a_vector():
 
 @pytest.mark.parametrize("dim", [64, 384, 768])
 def test_the_budget_is_spent_whenever_a_finer_index_would_fit(dim):
-    """Where the choice leaves more than a fifth of the budget unused, nothing finer fits in it."""
+    """Where the choice leaves more than a fifth of the budget unused, nothing finer that scans fast fits
+    in it, and budget_note says which finer code would need how much."""
     n = 1_000_000
+    seen = set()
     for budget in np.geomspace(n * 20, n * 4 * dim * 1.2, 60).astype(int):
         choice = choose_index(n, dim, int(budget))
+        note = budget_note(choice, n, dim, int(budget))
         if choice.estimated_bytes >= 0.8 * budget:
+            assert note == ""
             continue
-        # SQ8 is the finest code: the next finer index keeps every vector whole (IVF-Flat from
-        # 1M vectors on, or HNSW), which needs 4·dim bytes a vector and more.
-        assert choice.kind == "ivf_sq" and choice.factory.endswith(",SQ8"), (budget, choice)
-        assert budget < n * (4 * dim + 8 * HNSW_MIN_M)
+        seen.add(choice.factory.rsplit(",", 1)[-1])
+        if choice.factory.endswith(",SQ8"):
+            # SQ8 is the finest code: the next finer index keeps every vector whole (IVF-Flat from
+            # 1M vectors on, or HNSW), which needs 4·dim bytes a vector and more.
+            assert budget < n * (4 * dim + 8 * HNSW_MIN_M)
+            assert "SQ8 is the finest code" in note
+        elif choice.factory.endswith(",SQ6"):
+            assert budget < sq_bytes(n, dim, 8, choice.nlist, choice.hnsw_m)  # SQ8 does not fit
+            assert "SQ8 needs" in note
+        else:  # PQ at a byte a pair of dimensions, the most it takes; SQ6 does not fit
+            assert choice.kind == "ivf_pq" and choice.m == dim // 2, (budget, choice)
+            assert budget < sq_bytes(n, dim, 6, choice.nlist, choice.hnsw_m)
+            assert "SQ6 needs" in note
+        assert note.startswith(f"uses {choice.estimated_bytes / budget:.0%} of the ")
+    assert "SQ8" in seen and "SQ6" in seen  # both gaps were crossed
 
 
 @pytest.mark.parametrize("n", [10_000, 123_456, 1_000_000, 30_000_000, 2_000_000_000])
@@ -131,13 +147,10 @@ def test_more_budget_never_means_a_coarser_index():
     order = ["ivf_pq", "codes", "ivf_flat", "hnsw", "flat"]
     budgets = [10**8, 1.2 * 10**8, 1.5 * 10**8, 1.8 * 10**8, 2 * 10**8, 3 * 10**8, 7 * 10**8, 2 * GB]
     choices = [choose_index(400_000, 384, int(budget)) for budget in budgets]
-    # One code a dimension (SQ4, Lloyd-Max at 5 to 7 bits, SQ8) ranks by its bytes.
-    ranks = [
-        (order.index("codes" if c.kind in ("ivf_sq", "ivf_lloyd") else c.kind), c.m if c.kind in ("ivf_sq", "ivf_lloyd") else 0)
-        for c in choices
-    ]
+    # One code a dimension (SQ6, SQ8) ranks by its bytes.
+    ranks = [(order.index("codes" if c.kind == "ivf_sq" else c.kind), c.m if c.kind == "ivf_sq" else 0) for c in choices]
     assert ranks == sorted(ranks)
-    assert {c.kind for c in choices} >= {"ivf_sq", "ivf_lloyd", "hnsw"}
+    assert {c.factory.rsplit(",", 1)[-1] for c in choices} >= {"SQ6", "SQ8", "HNSW32"}
 
 
 def test_impossible_budgets_and_counts_are_user_errors():

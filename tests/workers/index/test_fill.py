@@ -21,7 +21,7 @@ CHOICES = [
     IndexChoice("ivf_flat", "IVF64,Flat", nlist=64, train_vectors=3000),
     IndexChoice("ivf_sq", "IVF300,SQ8", nlist=300, m=32, train_vectors=9000),  # two-byte list numbers
     IndexChoice("ivf_sq", "IVF64_HNSW32,SQ8", nlist=64, m=32, hnsw_m=32, train_vectors=3000),
-    IndexChoice("ivf_lloyd", "RR32,IVF64,PQ32x7np", nlist=64, m=28, train_vectors=6400),
+    IndexChoice("ivf_sq", "IVF64,SQ6", nlist=64, m=24, train_vectors=6400),
     IndexChoice("ivf_pq", "OPQ8_32,IVF64,PQ8x8np", nlist=64, m=8, opq_dim=32, train_vectors=10_000),
 ]
 
