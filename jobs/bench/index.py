@@ -83,7 +83,7 @@ class EmbeddingFile:
         held = np.zeros(shape[0], dtype=bool)
         held[np.random.default_rng([seed, 3]).choice(shape[0], queries, replace=False)] = True
         self.held, self.rows = np.flatnonzero(held), np.flatnonzero(~held)
-        self.n, self.dim, self.seed = len(self.rows), shape[1], seed
+        self.n, self.dim = len(self.rows), shape[1]
 
     def _unit(self, rows: np.ndarray) -> np.ndarray:
         x = np.asarray(self.matrix[rows], dtype=np.float32)
@@ -96,6 +96,9 @@ class EmbeddingFile:
 
     def queries(self, count: int) -> np.ndarray:
         return self._unit(self.held[:count])
+
+
+VectorSet = ClusteredVectors | EmbeddingFile  # what the benchmarks index: n, dim, batches, queries
 
 
 def _latencies_ms(index: faiss.Index, queries: np.ndarray, k: int) -> np.ndarray:
@@ -223,7 +226,7 @@ def run(
     flat_latency_queries: int = 100,
     k: int = 10,
     seed: int = 0,
-    data: ClusteredVectors | EmbeddingFile | None = None,
+    data: VectorSet | None = None,
 ) -> dict:
     use_cpu_share()
     data = data or ClusteredVectors(n, dim, seed)

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from loupe.jobs.bench.index import ClusteredVectors, EmbeddingFile, child_result, measure_file, peak_resident_bytes
+from loupe.jobs.bench.index import (
+    ClusteredVectors,
+    EmbeddingFile,
+    VectorSet,
+    child_result,
+    measure_file,
+    peak_resident_bytes,
+)
 from loupe.schemas.errors import UserError
 from loupe.workers.index.build import build_index
 from loupe.workers.index.choose import format_size
@@ -85,13 +92,14 @@ def compare(
     xq = data.queries(queries)
     spec = {"vectors": n, "dim": dim, "seed": seed, "queries": queries, "k": k}
     if embeddings is not None:  # another file, or the same one changed, is other inputs
-        stat = Path(embeddings).stat()
-        spec["embeddings"] = {"path": str(Path(embeddings).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        embeddings = Path(embeddings)
+        stat = embeddings.stat()
+        spec["embeddings"] = {"path": str(embeddings.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     truth = _write_inputs(data, xq, k, work, spec)
     flat_bytes = 4 * n * dim
     about = {"vectors": n, "dim": dim, "queries": queries, "k": k, "flat_bytes": flat_bytes}
     if embeddings is not None:
-        about["embeddings"] = Path(embeddings).name
+        about["embeddings"] = embeddings.name
     if remeasure:
         rows = [row for share in budgets for row in _measure_again(python, work, share, int(flat_bytes * share), spec, xq, truth)]
         return {**about, "rows": rows, "remeasured": True}
@@ -112,7 +120,7 @@ def compare(
     return {**about, "rows": rows, "peer_rows_reused": reused}
 
 
-def _write_inputs(data: ClusteredVectors | EmbeddingFile, xq: np.ndarray, k: int, work: Path, spec: dict) -> np.ndarray:
+def _write_inputs(data: VectorSet, xq: np.ndarray, k: int, work: Path, spec: dict) -> np.ndarray:
     """The vectors as .npy files (autofaiss's input), the queries and their exact neighbours: written
     once for the same inputs (`spec`), which inputs.json records last."""
     stamp = work / "inputs.json"
@@ -201,7 +209,7 @@ def _peer(python: Path, work: Path, budget: int) -> dict:
     }
 
 
-def _loupe(data: ClusteredVectors | EmbeddingFile, budget: int, xq: np.ndarray, truth: np.ndarray, k: int, seed: int, work: Path) -> dict:
+def _loupe(data: VectorSet, budget: int, xq: np.ndarray, truth: np.ndarray, k: int, seed: int, work: Path) -> dict:
     path = str(work / f"loupe-{budget}.faiss")  # one file a budget, left for a second look
     context = multiprocessing.get_context("spawn")
     results = context.Queue()

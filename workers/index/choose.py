@@ -89,7 +89,7 @@ def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int) -> IndexCho
     coarse = f"IVF{nlist}_HNSW{coarse_m}" if coarse_m else f"IVF{nlist}"
 
     def quantizer_bytes(d: int) -> int:
-        return nlist * (4 * d + (8 * coarse_m if coarse_m else 0))
+        return coarse_bytes(nlist, d, coarse_m)
 
     if n < IVF_FLAT_MAX_VECTORS:
         size = n * (4 * dim + ID_BYTES) + quantizer_bytes(dim)
@@ -164,7 +164,12 @@ def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int) -> IndexCho
 def sq_bytes(n: int, dim: int, bits: int, nlist: int, coarse_m: int | None) -> int:
     """An IVF-SQ index of `bits` a dimension in memory: codes, ids, centroids (and their graph), the SQ's ranges."""
     code = -(-dim * bits // 8)
-    return n * (code + ID_BYTES) + nlist * (4 * dim + 8 * (coarse_m or 0)) + 8 * dim
+    return n * (code + ID_BYTES) + coarse_bytes(nlist, dim, coarse_m) + 8 * dim
+
+
+def coarse_bytes(nlist: int, dim: int, coarse_m: int | None) -> int:
+    """The IVF's centroids in `dim` dimensions, and the links of their HNSW graph when it has one."""
+    return nlist * (4 * dim + 8 * (coarse_m or 0))
 
 
 def _nlist(n: int, max_train: int) -> int | None:

@@ -76,8 +76,7 @@ def train_ivf(index: faiss.Index, sample: np.ndarray, clustering_index: Any = No
     for start in range(0, len(rows), RESIDUAL_BATCH):
         vectors = rotate(rows[start : start + RESIDUAL_BATCH])
         lists[start : start + len(vectors)] = ivf.quantizer.assign(vectors, 1).ravel()
-        made = vectors - rotated[lists[start : start + len(vectors)]]
-        residuals[start : start + len(vectors)] = made
+        residuals[start : start + len(vectors)] = vectors - rotated[lists[start : start + len(vectors)]]
     ivf.train_encoder(len(rows), faiss.swig_ptr(residuals), faiss.swig_ptr(lists))
     ivf.is_trained = True
     index.is_trained = True
