@@ -9,7 +9,10 @@ import numpy as np
 from loupe.workers.index.library import faiss
 
 OPQ_TRAIN_POINTS = 65_536  # residuals whose covariance the OPQ rotation is computed from
-RESIDUAL_BATCH = 16_384  # residuals computed a batch at a time: one copy of the sample, not two
+# Residuals are made a batch at a time, each batch's temporaries (rotated rows, their centroids,
+# float64 copies for the covariance) ~12 MB at 768 dimensions: 16,384 rows made the OPQ
+# covariance alone hold 200 MB more than the sample at 1M x 768 within 1/16 of flat's bytes.
+RESIDUAL_BATCH = 4096
 
 
 def trainable_ivf(index: faiss.Index) -> tuple[Any, Any] | None:
@@ -75,8 +78,9 @@ def train_ivf(index: faiss.Index, sample: np.ndarray, clustering_index: Any = No
     lists = np.empty(len(rows), dtype=np.int64)
     for start in range(0, len(rows), RESIDUAL_BATCH):
         vectors = rotate(rows[start : start + RESIDUAL_BATCH])
-        lists[start : start + len(vectors)] = ivf.quantizer.assign(vectors, 1).ravel()
-        residuals[start : start + len(vectors)] = vectors - rotated[lists[start : start + len(vectors)]]
+        batch_lists = lists[start : start + len(vectors)]
+        batch_lists[:] = ivf.quantizer.assign(vectors, 1).ravel()
+        np.subtract(vectors, rotated[batch_lists], out=residuals[start : start + len(vectors)])
     ivf.train_encoder(len(rows), faiss.swig_ptr(residuals), faiss.swig_ptr(lists))
     ivf.is_trained = True
     index.is_trained = True
@@ -87,7 +91,7 @@ def residual_covariance(sample: np.ndarray, centroids: np.ndarray, assign: faiss
     covariance = np.zeros((sample.shape[1],) * 2)
     for start in range(0, len(sample), RESIDUAL_BATCH):
         batch = sample[start : start + RESIDUAL_BATCH]
-        residuals = (batch - centroids[assign.assign(batch, 1).ravel()]).astype(np.float64)
+        residuals = np.subtract(batch, centroids[assign.assign(batch, 1).ravel()], dtype=np.float64)
         covariance += residuals.T @ residuals
     return covariance / max(len(sample), 1)
 
