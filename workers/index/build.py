@@ -13,14 +13,14 @@ from loupe.schemas.errors import DamagedOutput, UserError
 from loupe.schemas.records import IndexRecord
 from loupe.workers.index.choose import (
     EXACT_KINDS,
-    TRAIN_SHARE,
     IndexChoice,
     budget_for_recall,
     budget_note,
     choose_index,
     format_size,
+    max_train_vectors,
 )
-from loupe.workers.index.codes import train_ivf, trainable_ivf
+from loupe.workers.index.codes import train_codes, trainable
 from loupe.workers.index.fill import ExactFill
 from loupe.workers.index.library import faiss
 from loupe.workers.index.tune import TUNING_QUERIES, tune_search
@@ -46,7 +46,7 @@ def build_index(
 
     `vectors_batches` is read twice (a sample to train on and to query with, then every vector
     to add), so it is a list of arrays or a function returning a fresh iterator. Faiss ids are
-    row numbers in batch order. The training sample stays within TRAIN_SHARE of the budget;
+    row numbers in batch order. The training sample stays within TRAIN_SHARE of the budget (or TRAIN_MIN_VECTORS);
     vectors are added batch by batch. `vectors_hint`, an upper bound on the count, sizes the
     sample before the count is known.
     """
@@ -176,7 +176,7 @@ def _pad(array: np.ndarray, width: int, fill: float) -> np.ndarray:
 def _sample_size(dim: int, budget: int, choice: IndexChoice | None, hint: int | None, queries: int) -> int:
     if choice is not None:
         return choice.train_vectors + queries
-    cap = int(budget * TRAIN_SHARE) // (4 * dim)
+    cap = max_train_vectors(hint, dim, budget)
     if hint:
         try:
             cap = min(cap, choose_index(hint, dim, budget).train_vectors)
@@ -251,18 +251,18 @@ def _gpu_count() -> int:
 
 def _train(index: faiss.Index, train: np.ndarray) -> None:
     ivf = faiss.try_extract_index_ivf(index)
-    trainable = trainable_ivf(index) is not None
+    coded = trainable(index) is not None
     clustering = None
     if ivf is not None and _gpu_count() > 0:
         # k-means is where the time goes; a GPU flat index does its assignments, while the
         # coarse quantizer (HNSW, which has no GPU version) receives the centroids afterwards.
         # `clustering` keeps the GPU index alive: the C++ field does not own it.
-        clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(train.shape[1] if trainable else ivf.d, ivf.metric_type))
+        clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(train.shape[1] if coded else ivf.d, ivf.metric_type))
         ivf.clustering_index = clustering
     try:
-        if trainable:
+        if coded:
             # No copies of the sample, rotated or as residuals: it is scratch here, deleted after training.
-            train_ivf(index, train, clustering, overwrite=True)
+            train_codes(index, train, clustering, overwrite=True)
         else:
             index.train(train)
     finally:

@@ -20,6 +20,9 @@ IVF_FLAT_MAX_VECTORS = 1_000_000
 HNSW_MAX_M = 32
 HNSW_MIN_M = 8  # sparser graphs lose recall faster than they save memory
 COARSE_HNSW_MIN_NLIST = 1024  # below this, exact assignment to the centroids is as fast
+# The centroids take at most this share of the budget: bytes they take, the codes lose. 1M x 768
+# within 1/16 of flat: 1024 lists, 1.6%; 55k MiniLM vectors within 1/8: 128 lists, not 512.
+COARSE_MAX_SHARE = 1 / 32
 POINTS_PER_CENTROID = 100  # k-means needs ~100 points per centroid to place it well...
 MIN_POINTS_PER_CENTROID = 39  # ...and faiss warns below 39
 MAX_NLIST = 1 << 18
@@ -33,13 +36,24 @@ ID_BYTES = 8  # faiss stores an int64 id beside every code in an inverted list
 # query with 4096 lists, 9.4 ms with 2048) and smaller residuals to encode (recall@10 0.954 ->
 # 0.969 from 512 to 2048 lists on 300k vectors; no gain from 2048 to 4096 at 1M).
 TRAIN_SHARE = 0.75
+# However small the budget, the sample holds this many vectors (or all of them), as one batch of
+# vectors would: 61 MB at 768 dimensions. PQ's codebooks want 39 points a word and more: on 55k
+# MiniLM vectors within 1/16 of flat's bytes (5.3 MB), the 2,597 that TRAIN_SHARE holds trained
+# OPQ66,IVF64,PQ66 to recall@10 0.777, 10,000 to 0.794, 25,000 to 0.795 (docs/benchmarks.md).
+TRAIN_MIN_VECTORS = 2 * PQ_TRAIN_POINTS
+# PQ codes without inverted lists when a query's scan of them all is at most this many bytes:
+# ~4 ms on one core (~0.5 ms a MB), under autofaiss's 10 ms target. Lists cost an 8-byte id a
+# vector and their centroids, and this few vectors are probed mostly anyway (nprobe 32-45 of 64
+# lists on 55k MiniLM vectors): within 1/16 of flat, OPQ66,IVF64,PQ66 reached recall@10 0.795,
+# OPQ80,PQ80 without lists 0.838 at 2.1 ms a query.
+SCAN_ALL_MAX_BYTES = 8_000_000
 
 
 @dataclass(frozen=True)
 class IndexChoice:
     """An index type and its shape: what choose_index decided and why it fits the budget."""
 
-    kind: str  # "flat" | "hnsw" | "ivf_flat" | "ivf_sq" | "ivf_pq"
+    kind: str  # "flat" | "hnsw" | "ivf_flat" | "ivf_sq" | "ivf_pq" | "pq" (PQ without lists)
     factory: str  # faiss.index_factory string
     nlist: int | None = None  # IVF lists
     m: int | None = None  # code bytes per vector (SQ or PQ)
@@ -56,9 +70,10 @@ def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int) -> IndexCho
     1M vectors, IVF with flat lists if they fit; else IVF (with an HNSW coarse quantizer when
     the lists are many) with the most precise codes that fit and scan fast: 8 bits a dimension
     (SQ8), then 6 (SQ6), then PQ with 8-bit codes over two dimensions or more behind parametric
-    OPQ, as many bytes as fit. nlist is the
+    OPQ, as many bytes as fit, without lists when scanning every code is quick. nlist is the
     power of two nearest 4·sqrt(n), lowered until the training sample (at most TRAIN_SHARE of
-    the budget) holds MIN_POINTS_PER_CENTROID points per list. A pure function of its arguments.
+    the budget, or TRAIN_MIN_VECTORS) holds MIN_POINTS_PER_CENTROID points per list and the
+    centroids take at most COARSE_MAX_SHARE of the budget. A pure function of its arguments.
     """
     if n_vectors < 1:
         raise UserError("there are no vectors to index")
@@ -80,8 +95,8 @@ def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int) -> IndexCho
     )
     if n < QUANTIZE_MIN_VECTORS:
         raise too_small
-    max_train = int(budget * TRAIN_SHARE) // (4 * dim)
-    nlist = _nlist(n, max_train)
+    max_train = max_train_vectors(n, dim, budget)
+    nlist = _nlist(n, dim, budget, max_train)
     if nlist is None:
         raise too_small
     train = min(n, POINTS_PER_CENTROID * nlist, max_train)
@@ -135,30 +150,54 @@ def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int) -> IndexCho
     # m·⌊dim/m⌋ of the axes, the least spread ones (fewer than m) left out, which costs least:
     # a query's own spread there is as small, so its inner products hardly depend on them.
     train = max(train, min(n, max_train, PQ_TRAIN_POINTS))
-    # Centroids, rotation and codebooks at most this big whatever the sub-vectors: out_dim <= dim.
-    fixed = quantizer_bytes(dim) + 4 * dim * dim + 4 * 256 * dim
+    # The rotation and codebooks at most this big whatever the sub-vectors: out_dim <= dim.
+    rotation_and_codebooks = 4 * dim * dim + 4 * 256 * dim
     # Sized to the byte, so keep the allocator's share: a loaded index holds ~0.6% more heap than its
     # codes, ids and centroids (list headers, the graph's upper layers; 1M x PQ192: 208.0 MB for 206.8).
-    fits = min(dim // 2, (budget - budget // HEAP_SLACK - fixed) // n - ID_BYTES)
-    # On a ladder of sizes ~4.4% apart, not to the byte: a growing catalog keeps its index (new
-    # vectors are added to it) until it outgrows the step, instead of a rebuild at every run.
-    m = max((step for step in (*PQ_STEPS, dim // 2) if step <= fits), default=0)
+    room = budget - budget // HEAP_SLACK - rotation_and_codebooks
+    m = _pq_bytes(room // n, dim)  # without lists: no ids, no centroids
+    if n * m > SCAN_ALL_MAX_BYTES:
+        listed = _pq_bytes((room - quantizer_bytes(dim)) // n - ID_BYTES, dim)
+        if listed >= PQ_MIN_BYTES:
+            return _pq_choice(n, dim, listed, train, coarse, nlist, coarse_m)
+        m = _pq_bytes(SCAN_ALL_MAX_BYTES // n, dim)  # no room for lists and their ids: what a quick scan allows
     if m < PQ_MIN_BYTES:
         raise too_small
-    out_dim = m * (dim // m)
-    size = n * (m + ID_BYTES) + quantizer_bytes(out_dim) + 4 * dim * out_dim + 4 * 256 * out_dim
+    return _pq_choice(n, dim, m, min(n, max_train))
+
+
+def _pq_choice(
+    n: int, dim: int, m: int, train: int, coarse: str = "", nlist: int | None = None, coarse_m: int | None = None
+) -> IndexChoice:
+    """PQ of m bytes behind OPQ, in the inverted lists of `coarse` (nlist of them) or without lists."""
+    out_dim = m * (dim // m)  # m·⌊dim/m⌋ axes: the least spread (fewer than m) left out
+    lists = n * ID_BYTES + coarse_bytes(nlist, out_dim, coarse_m) if nlist else 0
     return IndexChoice(
-        "ivf_pq",
+        "ivf_pq" if nlist else "pq",
         # "np": no polysemous training, which takes minutes at large m and serves only
         # Hamming-threshold filtering that this search does not use.
-        f"OPQ{m}_{out_dim},{coarse},PQ{m}x8np",
+        f"OPQ{m}_{out_dim},{coarse + ',' if coarse else ''}PQ{m}x8np",
         nlist=nlist,
         m=m,
         hnsw_m=coarse_m,
         opq_dim=out_dim,
         train_vectors=train,
-        estimated_bytes=size,
+        estimated_bytes=n * m + lists + 4 * dim * out_dim + 4 * 256 * out_dim,
     )
+
+
+def max_train_vectors(n: int | None, dim: int, budget: int) -> int:
+    """The most vectors the training sample holds: TRAIN_SHARE of the budget, or TRAIN_MIN_VECTORS
+    (of `n`, when known) however small the budget is."""
+    return max(int(budget * TRAIN_SHARE) // (4 * dim), TRAIN_MIN_VECTORS if n is None else min(n, TRAIN_MIN_VECTORS))
+
+
+def _pq_bytes(fits: int, dim: int) -> int:
+    """The PQ code within `fits` bytes a vector, up to one a dimension pair, on a ladder of sizes
+    ~4.4% apart, not to the byte: a growing catalog keeps its index (new vectors are added to it)
+    until it outgrows the step, instead of a rebuild at every run. 0 when none fits."""
+    fits = min(dim // 2, fits)
+    return max((step for step in (*PQ_STEPS, dim // 2) if step <= fits), default=0)
 
 
 def sq_bytes(n: int, dim: int, bits: int, nlist: int, coarse_m: int | None) -> int:
@@ -172,9 +211,11 @@ def coarse_bytes(nlist: int, dim: int, coarse_m: int | None) -> int:
     return nlist * (4 * dim + 8 * (coarse_m or 0))
 
 
-def _nlist(n: int, max_train: int) -> int | None:
+def _nlist(n: int, dim: int, budget: int, max_train: int) -> int | None:
     nlist = min(MAX_NLIST, 2 ** round(math.log2(4 * math.sqrt(n))))
-    while nlist > 1 and nlist * MIN_POINTS_PER_CENTROID > min(n, max_train):
+    while nlist > 1 and (
+        nlist * MIN_POINTS_PER_CENTROID > min(n, max_train) or 4 * dim * nlist > budget * COARSE_MAX_SHARE
+    ):
         nlist //= 2
     # PQ codebooks have 256 centroids each; fewer training points than that cannot train them.
     return nlist if min(n, max_train, POINTS_PER_CENTROID * nlist) >= 256 else None
@@ -258,7 +299,12 @@ def budget_note(choice: IndexChoice, n: int, dim: int, budget: int) -> str:
     if choice.kind == "ivf_sq":  # SQ6: SQ8 does not fit
         sq8 = sq_bytes(n, dim, 8, choice.nlist or 0, choice.hnsw_m)
         return f"{used}: SQ8 needs {format_size(sq8)}, and the codes between SQ6 and SQ8 scan ten times slower"
-    if choice.kind == "ivf_pq" and choice.m == dim // 2:
+    if choice.kind in ("ivf_pq", "pq") and choice.m == dim // 2:
         sq6 = sq_bytes(n, dim, 6, choice.nlist or 0, choice.hnsw_m)
         return f"{used}: PQ takes at most a byte for each pair of dimensions, and SQ6 needs {format_size(sq6)}"
+    if choice.kind == "pq":  # lists and their ids do not fit, and without them every code is scanned
+        return (
+            f"{used}: inverted lists and their ids do not fit, and without them a query scans every code: "
+            f"{choice.m} bytes a vector keep that scan within {format_size(SCAN_ALL_MAX_BYTES)}"
+        )
     return used

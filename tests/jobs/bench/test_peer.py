@@ -57,7 +57,9 @@ def test_both_systems_at_every_budget_on_the_same_inputs(tmp_path):
     loupe = [r for r in rows if r["system"] == "loupe"]
     assert all(0 < r["bytes"] <= 1.1 * result["flat_bytes"] / 2 for r in loupe)
     assert all(0 < r["recall_at_10"] <= 1 and r["median_ms"] > 0 and r["peak_build_bytes"] > 0 for r in loupe)
-    assert loupe[1]["recall_at_10"] >= loupe[0]["recall_at_10"]  # more bytes, no worse recall
+    # Both are tuned to the build's target, 0.95, on queries of their own: each reaches about it
+    # (the larger budget's finer code searching fewer lists for it).
+    assert all(r["recall_at_10"] >= 0.93 for r in loupe), loupe
     truth = np.load(tmp_path / "work" / "truth.npy")
     assert truth.shape == (50, 10)
     shown = table(result)

@@ -10,6 +10,8 @@ from loupe.schemas.errors import UserError
 from loupe.workers.index.choose import (
     EXACT_KINDS,
     HNSW_MIN_M,
+    SCAN_ALL_MAX_BYTES,
+    TRAIN_MIN_VECTORS,
     TRAIN_SHARE,
     budget_for_recall,
     budget_note,
@@ -89,10 +91,35 @@ def test_below_six_bits_a_dimension_pq_behind_opq_takes_every_byte_that_fits():
 
 
 def test_pq_refuses_budgets_below_eight_bytes_a_vector():
-    # 8 bytes of code, 8 of id, and the centroids, rotation and slack: 17 bytes a vector fit, 16 do not.
+    # 8 bytes of code, 8 of id, and the centroids, rotation and slack: 17 bytes a vector fit lists...
     assert choose_index(1_000_000, 64, 17_000_000).factory == "OPQ8_64,IVF1024_HNSW32,PQ8x8np"
+    # ...16 do not: 8 bytes of code without lists, a scan of 8 MB a query, and no more.
+    small = choose_index(1_000_000, 64, 16_000_000)
+    assert (small.kind, small.factory, small.nlist) == ("pq", "OPQ8_64,PQ8x8np", None)
+    assert "inverted lists and their ids do not fit" in budget_note(small, 1_000_000, 64, 16_000_000)
+    assert choose_index(1_000_000, 64, 8_200_000).factory == "OPQ8_64,PQ8x8np"
     with pytest.raises(UserError, match="too small"):
-        choose_index(1_000_000, 64, 16_000_000)
+        choose_index(1_000_000, 64, 8_000_000)
+
+
+def test_few_vectors_in_a_small_budget_are_coded_without_lists():
+    # 55,418 MiniLM vectors within 1/16 of flat's bytes, 96 a vector. Lists would cost 8 bytes of
+    # id a vector and their centroids, and this few are mostly probed anyway: without them, 76 bytes
+    # of code fit, a 4.2 MB scan a query.
+    n, dim, budget = 55_418, 384, 5_320_128
+    choice = choose_index(n, dim, budget)
+    assert (choice.kind, choice.factory, choice.nlist) == ("pq", "OPQ76_380,PQ76x8np", None)
+    assert choice.estimated_bytes == n * 76 + 4 * dim * 380 + 4 * 256 * 380
+    assert 0.95 * budget < choice.estimated_bytes <= budget
+    assert n * choice.m <= SCAN_ALL_MAX_BYTES
+    # Trained on TRAIN_MIN_VECTORS, more than 3/4 of the budget holds (2,597): PQ's codebooks
+    # want 39 points a word.
+    assert choice.train_vectors == TRAIN_MIN_VECTORS > TRAIN_SHARE * budget / (4 * dim)
+    # Twice the budget: codes that would take a longer scan get lists, whose centroids take at
+    # most 1/32 of the budget (128 lists, where the sample would hold 39 points for 512).
+    wider = choose_index(n, dim, 2 * budget)
+    assert wider.factory == "OPQ158_316,IVF128,PQ158x8np" and n * 158 > SCAN_ALL_MAX_BYTES
+    assert 4 * dim * wider.nlist <= 2 * budget / 32 < 4 * dim * 2 * wider.nlist
 
 
 @pytest.mark.parametrize("dim", [64, 384, 768])
@@ -135,7 +162,8 @@ def test_every_choice_fits_its_budget(n, dim, budget):
         assert budget < n * 32  # only refused when not even the smallest code fits
         return
     assert choice.estimated_bytes <= budget
-    assert choice.train_vectors * 4 * dim <= TRAIN_SHARE * budget
+    # The sample holds at most TRAIN_SHARE of the budget, or TRAIN_MIN_VECTORS however small it is.
+    assert choice.train_vectors * 4 * dim <= max(TRAIN_SHARE * budget, 4 * dim * TRAIN_MIN_VECTORS)
     assert choice.train_vectors <= n
     if choice.nlist:
         assert choice.nlist & (choice.nlist - 1) == 0
@@ -144,7 +172,7 @@ def test_every_choice_fits_its_budget(n, dim, budget):
 
 
 def test_more_budget_never_means_a_coarser_index():
-    order = ["ivf_pq", "codes", "ivf_flat", "hnsw", "flat"]
+    order = ["pq", "ivf_pq", "codes", "ivf_flat", "hnsw", "flat"]
     budgets = [10**8, 1.2 * 10**8, 1.5 * 10**8, 1.8 * 10**8, 2 * 10**8, 3 * 10**8, 7 * 10**8, 2 * GB]
     choices = [choose_index(400_000, 384, int(budget)) for budget in budgets]
     # One code a dimension (SQ6, SQ8) ranks by its bytes.

@@ -54,17 +54,32 @@ def test_opq_codes_beat_a_random_rotation_and_survive_a_round_trip():
     assert recalls["OPQ8_64,IVF64,PQ8x8np"] > recalls["RR64,IVF64,PQ8x8np"] + 0.03, recalls
 
 
-@pytest.mark.parametrize("factory", ["OPQ8_56,IVF32,PQ8x8np", "RR64,IVF32,PQ16x8np", "IVF32,SQ6", "IVF32,SQ8"])
+def test_few_vectors_coded_without_lists_build_and_search_every_code():
+    data = clustered(20_000, dim=64)
+    queries, base = data[:200], data[200:]
+    truth = faiss.knn(queries, base, 10, metric=faiss.METRIC_INNER_PRODUCT)[1]
+    # 1/8 of flat's bytes: 26 bytes of code a vector, no lists, nothing to tune.
+    index, record = build_index([base], memory_budget_bytes=4 * 64 * len(base) // 8, tuning_queries=300)
+    assert (record.kind, record.factory, record.params) == ("pq", "OPQ26_52,PQ26x8np", {})
+    assert index.ntotal == len(base) and faiss.try_extract_index_ivf(index) is None
+    found = index.search(queries, 10)[1]
+    recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
+    assert recall > 0.6 and abs(recall - record.recall_at_10) < 0.1, (recall, record.recall_at_10)
+    assert len(faiss.serialize_index(index)) <= record.memory_budget
+
+
+@pytest.mark.parametrize("factory", ["OPQ8_56,IVF32,PQ8x8np", "RR64,IVF32,PQ16x8np", "IVF32,SQ6", "IVF32,SQ8", "OPQ8_64,PQ8x8np", "PQ16x8np"])
 def test_residuals_made_in_the_samples_own_memory_train_the_same_index(factory):
-    from loupe.workers.index.codes import train_ivf
+    from loupe.workers.index.codes import train_codes
 
     sample = clustered(12_000, dim=64)
     trained = {}
     for overwrite in (False, True):
         index = faiss.index_factory(64, factory, faiss.METRIC_INNER_PRODUCT)
         scratch = sample.copy()
-        train_ivf(index, scratch, overwrite=overwrite)
+        train_codes(index, scratch, overwrite=overwrite)
         index.add(sample[:2000])
         trained[overwrite] = faiss.serialize_index(index).tobytes()
-        assert np.array_equal(scratch, sample) != overwrite  # the caller's sample is left alone unless it is scratch
+        # The caller's sample is left alone unless it is scratch (and a PQ alone codes it as it is).
+        assert np.array_equal(scratch, sample) == (not overwrite or factory == "PQ16x8np")
     assert trained[True] == trained[False]
