@@ -233,10 +233,10 @@ def print_hits(hits: list, out: Console | None = None) -> None:
         copies = f"  ({hit.duplicates} near-duplicates)" if getattr(hit, "duplicates", 0) else ""
         head = f"{hit.rank:>3}. {hit.score:.3f}  "
         room = width - len(head) - len(flag) - len(copies) - 2
-        out.print(_fit(head + _cut(name, room) + copies + "  " + flag, width), markup=False, highlight=False, soft_wrap=True)
+        out.print(fit_line(head + _cut(name, room) + copies + "  " + flag, width), markup=False, highlight=False, soft_wrap=True)
         text = " ".join((hit.text or hit.caption or "").split())
         if text:
-            out.print(_fit("      " + text, width), markup=False, highlight=False, soft_wrap=True)
+            out.print(fit_line("      " + text, width), markup=False, highlight=False, soft_wrap=True)
 
 
 def _cut(text: str, room: int) -> str:
@@ -249,7 +249,8 @@ def _cut(text: str, room: int) -> str:
     return text[:half] + "…" + text[len(text) - (room - 1 - half) :]
 
 
-def _fit(line: str, width: int) -> str:
+def fit_line(line: str, width: int) -> str:
+    """`line` cut to `width` characters, an ellipsis saying so."""
     line = line.rstrip()
     return line if len(line) <= width else line[: width - 1] + "…"
 

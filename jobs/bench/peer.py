@@ -199,7 +199,7 @@ def _peer(python: Path, work: Path, budget: int) -> dict:
         raise RuntimeError(f"autofaiss failed at a budget of {format_size(budget)}: {done.stderr.strip()[-500:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return {
-        "index": f"{result['index_key']} {result['index_param']}",
+        "index": f"{result['index_key']} {result['index_param']}".strip(),
         "bytes": result["bytes"],
         "recall_at_10": result["recall_at_10"],
         "median_ms": result["median_ms"],
@@ -220,7 +220,7 @@ def _loupe(data: VectorSet, budget: int, xq: np.ndarray, truth: np.ndarray, k: i
         raise UserError(built["error"])
     params = ",".join(f"{key}={value}" for key, value in built["params"].items())
     return {
-        "index": f"{built['factory']} {params}",
+        "index": f"{built['factory']} {params}".strip(),  # an index without lists has no parameters
         **_served(measure_file(path, built["params"], xq, truth, k)),
         "build_seconds": built["build_seconds"],
         "peak_build_bytes": built["peak_build_bytes"],

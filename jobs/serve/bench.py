@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from loupe.jobs.console import fit_line
 from loupe.schemas.errors import UserError
 
 CLIENTS = (1, 8, 32)
@@ -87,16 +88,12 @@ def bench_serve(
     }
 
 
-def _fit(line: str, width: int) -> str:
-    return line if len(line) <= width else line[: width - 3] + "..."
-
-
 def format_table(result: dict[str, Any]) -> str:
     """The result in lines of at most 80 characters, but for the catalog's path on the first."""
     peak, resident = result.get("server_peak_bytes"), result.get("server_resident_bytes")
     lines = [
         f"loupe serve search benchmark: {result['output']}",
-        _fit(f"{result['kind']} index, k={result['k']}, query {result['query']!r}", 80),
+        fit_line(f"{result['kind']} index, k={result['k']}, query {result['query']!r}", 80),
         f"server up in {result['server_startup_seconds']:.1f} s"
         + (f", {resident / 2**30:.2f} GiB resident (peak {peak / 2**30:.2f})" if peak and resident else ""),
         f"{'clients':>8} {'requests':>9} {'p50 ms':>9} {'p99 ms':>9} {'requests/s':>11} {'errors':>7}",

@@ -111,4 +111,4 @@ def test_the_table_keeps_to_80_columns_however_slow_the_machine_or_long_the_quer
     }
     lines = format_table(slow).splitlines()
     assert all(len(line) <= 80 for line in lines), lines
-    assert lines[1].startswith("image index, k=10, query 'a very long query") and lines[1].endswith("...")
+    assert lines[1].startswith("image index, k=10, query 'a very long query") and lines[1].endswith("…")
