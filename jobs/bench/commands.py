@@ -117,6 +117,7 @@ def index(
     workdir: Annotated[Optional[Path], typer.Option(help="With --peer: where the vectors, indexes and the peer's virtual environment go.")] = None,
     remeasure: Annotated[bool, typer.Option(help="With --peer: build nothing; measure both systems' kept indexes in --workdir again.")] = False,
     embeddings: Annotated[Optional[Path], typer.Option(help="Your own vectors instead of synthetic ones: a .npy float matrix; --queries rows are held out as queries.")] = None,
+    target_recall: Annotated[float, typer.Option(min=0.01, max=1.0, help="With --peer: the recall@10 loupe's search is tuned to, as `loupe index --target-recall`.")] = 0.95,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """The index chosen for a share of flat's memory against exact flat search (or, with --peer, against the peer's index at each budget)."""
@@ -133,7 +134,7 @@ def index(
             python = peers.peer_python(where / f"venv-{peer}")
             result = peers.compare(
                 vectors, dim, budgets=shares, work=where, python=python, queries=queries, seed=seed,
-                remeasure=remeasure, embeddings=embeddings,
+                remeasure=remeasure, embeddings=embeddings, target_recall=target_recall,
             )  # fmt: skip
             typer.echo(json.dumps(result, indent=2) if as_json else peers.table(result))
             return

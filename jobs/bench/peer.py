@@ -80,11 +80,14 @@ def compare(
     seed: int = 0,
     remeasure: bool = False,
     embeddings: Path | None = None,
+    target_recall: float = 0.95,
 ) -> dict:
     """Both systems at every budget: index, bytes, recall@10, median and p99 ms, build s and peak build memory.
 
     With `remeasure`, nothing is built: both systems' kept indexes are read back and measured
-    again (on an idle machine, when the builds had to share one), their build rows kept.
+    again (on an idle machine, when the builds had to share one), their build rows kept. loupe's
+    search is tuned to `target_recall` (as `loupe index --target-recall`), autofaiss's to its
+    default query time target.
     """
     use_cpu_share()
     data = ClusteredVectors(n, dim, seed) if embeddings is None else EmbeddingFile(embeddings, queries, seed)
@@ -114,7 +117,7 @@ def compare(
             peer = _peer(python, work, budget)
             kept.write_text(json.dumps({"inputs": spec, "row": peer}))
         rows.append({"budget": str(share), "system": "autofaiss", **peer})
-        ours = _loupe(data, budget, xq, truth, k, seed, work)
+        ours = _loupe(data, budget, xq, truth, k, seed, work, target_recall)
         (work / f"loupe-{budget}.json").write_text(json.dumps({"inputs": spec, "row": ours}))
         rows.append({"budget": str(share), "system": "loupe", **ours})
     return {**about, "rows": rows, "peer_rows_reused": reused}
@@ -209,11 +212,13 @@ def _peer(python: Path, work: Path, budget: int) -> dict:
     }
 
 
-def _loupe(data: VectorSet, budget: int, xq: np.ndarray, truth: np.ndarray, k: int, seed: int, work: Path) -> dict:
+def _loupe(
+    data: VectorSet, budget: int, xq: np.ndarray, truth: np.ndarray, k: int, seed: int, work: Path, target: float
+) -> dict:
     path = str(work / f"loupe-{budget}.faiss")  # one file a budget, left for a second look
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    child = context.Process(target=_build, args=(str(work / "vectors"), data.n, budget, k, seed, path, results))
+    child = context.Process(target=_build, args=(str(work / "vectors"), data.n, budget, k, seed, target, path, results))
     child.start()
     built = child_result(child, results, BUILD_TIMEOUT_S)
     if "error" in built:
@@ -224,10 +229,11 @@ def _loupe(data: VectorSet, budget: int, xq: np.ndarray, truth: np.ndarray, k: i
         **_served(measure_file(path, built["params"], xq, truth, k)),
         "build_seconds": built["build_seconds"],
         "peak_build_bytes": built["peak_build_bytes"],
+        "target_recall": target,
     }
 
 
-def _build(folder: str, n: int, budget: int, k: int, seed: int, path: str, results) -> None:
+def _build(folder: str, n: int, budget: int, k: int, seed: int, target: float, path: str, results) -> None:
     """In a process of its own: build loupe's index for the budget, write it, report its peak memory.
 
     The vectors are read from the .npy files autofaiss reads, a part at a time, so the peak is the
@@ -238,7 +244,7 @@ def _build(folder: str, n: int, budget: int, k: int, seed: int, path: str, resul
     try:
         index, record = build_index(
             lambda: (np.load(file) for file in files),
-            memory_budget_bytes=budget, target_recall=0.95, k=k, seed=seed, vectors_hint=n,
+            memory_budget_bytes=budget, target_recall=target, k=k, seed=seed, vectors_hint=n,
         )
     except UserError as exc:  # a budget too small for any index: the parent says it in one line
         results.put({"error": str(exc)})
@@ -273,6 +279,9 @@ def table(result: dict) -> str:
         + f", {result['queries']} queries, k = {result['k']}, "
         f"{os.cpu_count()} cores; bytes as a share of flat's {format_size(flat)}; peak: the build's resident memory."
     )
+    targets = sorted({str(row["target_recall"]) for row in result["rows"] if row.get("target_recall")})
+    if targets:  # rows kept from before the target was recorded have none
+        footer += f" loupe's search tuned to recall@10 {' or '.join(targets)}, autofaiss's to its 10 ms default."
     if result.get("peer_rows_reused"):
         footer += f" {result['peer_rows_reused']} autofaiss rows are from an earlier run on the same inputs."
     if result.get("remeasured"):

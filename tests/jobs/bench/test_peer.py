@@ -64,16 +64,25 @@ def test_both_systems_at_every_budget_on_the_same_inputs(tmp_path):
     assert truth.shape == (50, 10)
     shown = table(result)
     assert all(len(line) <= 80 for line in shown.splitlines()), shown
-    assert shown.count("autofaiss") == 2 and shown.count("loupe") >= 2
+    assert shown.count("autofaiss") >= 2 and shown.count("loupe") >= 2
+    assert "loupe's search tuned to recall@10 0.95" in " ".join(shown.split())
     json.dumps(result)
     # A rerun on the same inputs keeps the peer's rows (half an hour a budget at 1M x 768) and says
     # so; on other inputs the peer runs again.
     broken = tmp_path / "broken-python"
     broken.write_text(f"#!{sys.executable}\nraise SystemExit('not run')\n")
     broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
-    again = compare(12_000, 64, budgets=parse_budgets("1/4,1/2"), work=tmp_path / "work", python=broken, queries=50)
+    again = compare(
+        12_000, 64, budgets=parse_budgets("1/4,1/2"), work=tmp_path / "work", python=broken, queries=50, target_recall=0.999
+    )
     assert [r for r in again["rows"] if r["system"] == "autofaiss"] == rows[::2]
     assert "2 autofaiss rows are from an earlier run" in " ".join(table(again).split())
+    # loupe's index built again the same way, its search tuned further for the higher target.
+    for before, after in zip(loupe, [r for r in again["rows"] if r["system"] == "loupe"]):
+        assert after["index"].split()[0] == before["index"].split()[0] and after["target_recall"] == 0.999
+        nprobe = [int(row["index"].split("nprobe=")[1].split(",")[0]) for row in (before, after)]
+        assert nprobe[1] > nprobe[0] and after["recall_at_10"] > before["recall_at_10"], (before, after)
+    assert "tuned to recall@10 0.999" in " ".join(table(again).split())
     # Measured again from the kept index files: the builds' own columns stay, the measured ones are new.
     measured = compare(12_000, 64, budgets=parse_budgets("1/4,1/2"), work=tmp_path / "work", python=fake, queries=50, remeasure=True)
     assert measured["remeasured"] and [(r["budget"], r["system"]) for r in measured["rows"]] == [
