@@ -89,21 +89,21 @@ def train_codes(index: faiss.Index, sample: np.ndarray, clustering_index: Any = 
         residuals = sample.reshape(-1)[: len(rows) * coded.d].reshape(len(rows), coded.d)
     else:
         residuals = np.empty((len(rows), coded.d), dtype=np.float32)
+    if ivf is None:  # a PQ without lists: the rotated vectors
+        for start in range(0, len(rows), RESIDUAL_BATCH):
+            vectors = rotate(rows[start : start + RESIDUAL_BATCH])
+            residuals[start : start + len(vectors)] = vectors
+        coded.train(residuals)
+        index.is_trained = True
+        return
     lists = np.empty(len(rows), dtype=np.int64)
     for start in range(0, len(rows), RESIDUAL_BATCH):
         vectors = rotate(rows[start : start + RESIDUAL_BATCH])
-        out = residuals[start : start + len(vectors)]
-        if ivf is None:
-            out[:] = vectors
-            continue
         batch_lists = lists[start : start + len(vectors)]
         batch_lists[:] = ivf.quantizer.assign(vectors, 1).ravel()
-        np.subtract(vectors, rotated[batch_lists], out=out)
-    if ivf is not None:
-        ivf.train_encoder(len(rows), faiss.swig_ptr(residuals), faiss.swig_ptr(lists))
-        ivf.is_trained = True
-    else:
-        coded.train(residuals)
+        np.subtract(vectors, rotated[batch_lists], out=residuals[start : start + len(vectors)])
+    ivf.train_encoder(len(rows), faiss.swig_ptr(residuals), faiss.swig_ptr(lists))
+    ivf.is_trained = True
     index.is_trained = True
 
 
