@@ -214,7 +214,9 @@ def coarse_bytes(nlist: int, dim: int, coarse_m: int | None) -> int:
 def _nlist(n: int, dim: int, budget: int, max_train: int) -> int | None:
     nlist = min(MAX_NLIST, 2 ** round(math.log2(4 * math.sqrt(n))))
     centroids_fit = budget * COARSE_MAX_SHARE
-    while nlist > 1 and (nlist * MIN_POINTS_PER_CENTROID > min(n, max_train) or coarse_bytes(nlist, dim, None) > centroids_fit):
+    while nlist > 1 and (
+        nlist * MIN_POINTS_PER_CENTROID > min(n, max_train) or coarse_bytes(nlist, dim, None) > centroids_fit
+    ):
         nlist //= 2
     # PQ codebooks have 256 centroids each; fewer training points than that cannot train them.
     return nlist if min(n, max_train, POINTS_PER_CENTROID * nlist) >= 256 else None
